@@ -1,0 +1,41 @@
+# The two set-up commands: `make run` (pipeline on the offline default) and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export DVC_NO_ANALYTICS ?= 1
+
+.PHONY: run test sweep report install install-test clean-venv
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(BIN)/python -m pip install --quiet -r requirements-test.txt
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+## make run: create the venv, install, run the whole pipeline (dvc repro) and print the result table.
+run: $(VENV)/.installed
+	$(BIN)/dvc repro
+	@cat metrics/report.md
+
+## make test: install the test requirements and run the test suite.
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q
+
+## make sweep: the seed's ten presets plus the other strategies, as queued DVC experiments, then one comparison.
+sweep: $(VENV)/.installed
+	$(BIN)/python scripts/sweep.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,149 @@
+"""Run the seed's ten presets and the other merge strategies as queued DVC experiments, then compare them.
+
+Replaces seed 000's run_aggregation_configs.py. Each experiment re-runs only `aggregate` and `evaluate@aggregated`
+(and the report) on top of the committed/cached pipeline. Writes metrics/sweep.md and metrics/sweep.png.
+
+    python scripts/sweep.py               # queue, run with one worker, collect
+    python scripts/sweep.py --jobs 2      # two workers
+    python scripts/sweep.py --collect     # only rebuild the comparison from existing experiments
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from fedwhisper.merge.presets import PRESETS
+
+STRATEGIES = ["fedavg", "task_arithmetic", "ties", "dare_linear", "dare_ties", "median", "trimmed_mean", "krum",
+              "multi_krum"]
+PREFIX = "sweep-"
+
+
+def experiments() -> dict[str, list[str]]:
+    """Experiment name -> `-S` overrides."""
+    runs = {f"{PREFIX}{name}": [f"aggregation.preset={name}"] for name in PRESETS}
+    runs.update({f"{PREFIX}{s.replace('_', '-')}": [f"aggregation.strategy={s}"] for s in STRATEGIES})
+    return runs
+
+
+def dvc(*args: str, capture: bool = False) -> str:
+    result = subprocess.run(["dvc", *args], check=True, text=True, capture_output=capture)
+    return result.stdout if capture else ""
+
+
+def queue_all(runs: dict[str, list[str]]) -> None:
+    for name, overrides in runs.items():
+        sets = [arg for o in overrides for arg in ("-S", o)]
+        dvc("exp", "run", "--queue", "--force", "-n", name, *sets)
+
+
+def wait_for_queue(poll_s: float = 5.0) -> None:
+    while True:
+        status = dvc("queue", "status", capture=True)
+        if not any(word in status for word in ("Queued", "Running")):
+            return
+        time.sleep(poll_s)
+
+
+def _walk(node, found: dict) -> None:
+    if isinstance(node, dict):
+        name = node.get("name")
+        data = node.get("data")
+        if isinstance(name, str) and name.startswith(PREFIX) and isinstance(data, dict):
+            found[name] = data
+        for value in node.values():
+            _walk(value, found)
+    elif isinstance(node, list):
+        for value in node:
+            _walk(value, found)
+
+
+def collect() -> list[dict]:
+    found: dict[str, dict] = {}
+    _walk(json.loads(dvc("exp", "show", "--json", capture=True)), found)
+    rows = []
+    for name, data in sorted(found.items()):
+        metrics = (data.get("metrics") or {}).get("metrics/eval/aggregated.json", {}).get("data", {})
+        params = (data.get("params") or {}).get("params.yaml", {}).get("data", {}).get("aggregation", {})
+        if not metrics:
+            rows.append({"name": name[len(PREFIX):], "status": "failed", "metrics": {}, "params": params})
+            continue
+        rows.append({"name": name[len(PREFIX):], "status": "ok", "metrics": metrics, "params": params})
+    return rows
+
+
+def write_comparison(rows: list[dict], out_dir: Path) -> str:
+    groups = sorted({k[4:] for r in rows for k in r["metrics"] if k.startswith("wer_")})
+    header = ["experiment", "strategy", "preset/weights", "WER", *[f"WER {g}" for g in groups], "BLEU"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
+    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["metrics"].get("wer", float("inf")))
+    for r in ok + [r for r in rows if r["status"] != "ok"]:
+        m, p = r["metrics"], r["params"]
+        how = p.get("preset") or (p.get("weights") and str(p.get("weights"))) or "-"
+        cells = [r["name"], str(p.get("strategy", "?")), str(how)]
+        cells += [f"{m[k]:.2f}" if isinstance(m.get(k), (int, float)) else r["status"]
+                  for k in ["wer", *[f"wer_{g}" for g in groups], "bleu"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    markdown = "# Aggregation sweep (test WER %, aggregated model)\n\n" + "\n".join(lines) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".sweep.md.tmp-{os.getpid()}"
+    tmp.write_text(markdown + "\n![sweep](sweep.png)\n", encoding="utf-8")
+    os.replace(tmp, out_dir / "sweep.md")
+    _plot(ok, out_dir / "sweep.png")
+    return markdown
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in rows]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, max(3.5, 0.32 * len(rows) + 1)), sharey=True)
+    ax1.barh(names, [r["metrics"].get("wer", 0) for r in rows], color="tab:red")
+    ax1.set_xlabel("WER (%)")
+    ax2.barh(names, [r["metrics"].get("bleu", 0) for r in rows], color="tab:blue")
+    ax2.set_xlabel("BLEU")
+    ax1.invert_yaxis()
+    fig.suptitle("Aggregation strategies on the pooled test split")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", "-j", type=int, default=1, help="parallel queue workers")
+    parser.add_argument("--collect", action="store_true", help="skip running; only collect existing experiments")
+    parser.add_argument("--out", type=Path, default=Path("metrics"))
+    args = parser.parse_args(argv)
+    runs = experiments()
+    if not args.collect:
+        print(f"sweep: queueing {len(runs)} experiments", flush=True)
+        queue_all(runs)
+        dvc("queue", "start", "-j", str(args.jobs))
+        wait_for_queue()
+    rows = collect()
+    if not rows:
+        print("sweep: no sweep experiments found (dvc exp show)", file=sys.stderr)
+        return 1
+    print(write_comparison(rows, args.out))
+    failed = [r["name"] for r in rows if r["status"] != "ok"]
+    if failed:
+        print(f"sweep: {len(failed)} experiment(s) failed: {', '.join(failed)}; see `dvc queue logs <name>`",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
