@@ -1,0 +1,1 @@
+"""Datasets: sources yield raw items, prepare filters and partitions them, prepared reads the result."""
