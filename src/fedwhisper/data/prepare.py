@@ -1,0 +1,336 @@
+"""Read a dataset, drop unusable items (with reasons), partition into clients and splits, write prepared data."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from fedwhisper.audio import SAMPLING_RATE, load_16k_mono, to_16k_mono
+from fedwhisper.data.partition import SPLITS, assign_clients, assign_splits, client_names, resolve_split_map, subsample
+from fedwhisper.data.prepared import split_path, write_manifest, write_split
+from fedwhisper.data.sources import RawItem, Source, lookup, open_source
+from fedwhisper.errors import DataError
+from fedwhisper.params import Params
+
+log = logging.getLogger(__name__)
+
+DROP_REASONS = (
+    "duplicate_id",
+    "missing_transcript",
+    "invalid_utf8",
+    "empty_transcript",
+    "too_many_tokens",
+    "missing_client",
+    "undecodable",
+    "empty_audio",
+    "non_finite",
+    "too_long",
+)
+DROPS_CSV = "prepare_drops.csv"
+METRICS_JSON = "prepare.json"
+_POOL_SCHEMA = pa.schema([("audio", pa.list_(pa.float32()))])
+
+
+@dataclass(frozen=True)
+class Drop:
+    id: str
+    origin: str
+    reason: str
+    detail: str
+
+
+@dataclass
+class _Kept:
+    id: str
+    text: str
+    role: str | None
+    group: str | None
+    label: str | None
+    duration_s: float
+
+
+@dataclass(frozen=True)
+class PrepareSummary:
+    seen: int
+    kept: int
+    drops: dict[str, int]
+    drop_fraction: float
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    seconds: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def run_prepare(
+    params: Params,
+    count_tokens: Callable[[str], int],
+    out_dir: str | Path = "data/prepared",
+    metrics_dir: str | Path = "metrics",
+    source: Source | None = None,
+) -> PrepareSummary:
+    """Prepare ``params.data`` into ``out_dir`` and write ``metrics_dir/prepare.json`` and ``prepare_drops.csv``.
+
+    ``count_tokens(text)`` gives the label length in tokens (the base model's tokenizer in the stage).
+    """
+    started = time.monotonic()
+    out_dir, metrics_dir = Path(out_dir), Path(metrics_dir)
+    source = source or open_source(params.data)
+    source_splits = source.split_names()
+    split_map = resolve_split_map(source_splits, params.data.splits)
+    if "train" in split_map:
+        to_read = [(theirs, ours) for ours, theirs in sorted(split_map.items(), key=lambda kv: SPLITS.index(kv[0]))]
+        ignored = sorted(set(source_splits) - set(split_map.values()))
+        if ignored:
+            log.info("prepare: ignoring dataset splits %s (not mapped in data.splits)", ignored)
+    else:
+        to_read = [(s, None) for s in source_splits]
+
+    tmp = out_dir.parent / f"{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        kept, drops, seen = _read_and_filter(params, source, to_read, count_tokens, tmp / "_pool.arrow")
+        _write_drops_csv(metrics_dir / DROPS_CSV, drops)
+        counts_by_reason = Counter(d.reason for d in drops)
+        drop_fraction = len(drops) / seen if seen else 0.0
+        if seen == 0:
+            raise DataError(f"data.path: {params.data.path} ({params.data.source}) yielded no items; check the path")
+        if drop_fraction > params.prepare.max_drop_fraction:
+            top = ", ".join(f"{r}: {n}" for r, n in counts_by_reason.most_common())
+            raise DataError(
+                f"prepare: dropped {len(drops)} of {seen} items ({drop_fraction:.1%}) > prepare.max_drop_fraction "
+                f"{params.prepare.max_drop_fraction:.1%} ({top}); see {metrics_dir / DROPS_CSV} and fix the data "
+                "or raise prepare.max_drop_fraction"
+            )
+        selected = _partition(params, kept)
+        counts, seconds = _write_outputs(tmp, kept, selected, params.clients)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _replace_dir(tmp, out_dir)
+
+    summary = PrepareSummary(
+        seen, len(kept), {r: counts_by_reason.get(r, 0) for r in DROP_REASONS}, drop_fraction, counts, seconds
+    )
+    _write_metrics(metrics_dir / METRICS_JSON, summary, params.clients)
+    total_items = sum(sum(c.values()) for c in counts.values())
+    total_h = sum(sum(s.values()) for s in seconds.values()) / 3600
+    log.info(
+        "prepare: %d items (%.3f h) for %d clients in %s; %d of %d dropped (%.1f%%); %.1f s",
+        total_items, total_h, len(params.clients), out_dir, len(drops), seen, 100 * drop_fraction,
+        time.monotonic() - started,
+    )
+    return summary
+
+
+def _read_and_filter(
+    params: Params,
+    source: Source,
+    to_read: list[tuple[str, str | None]],
+    count_tokens: Callable[[str], int],
+    pool_path: Path,
+) -> tuple[list[_Kept], list[Drop], int]:
+    """Decode and check each item; append usable audio to an Arrow spool file (bounded memory)."""
+    prep, cols = params.prepare, params.data.columns
+    label_column = prep.partition.label_column or cols.client
+    kept: list[_Kept] = []
+    drops: list[Drop] = []
+    seen_ids: set[str] = set()
+    seen = 0
+    with pa.OSFile(str(pool_path), "wb") as sink, pa.ipc.new_stream(sink, _POOL_SCHEMA) as pool, tqdm(
+        desc="prepare", unit="item"
+    ) as bar:
+        for theirs, ours in to_read:
+            for item in source.iter_split(theirs):
+                seen += 1
+                bar.update(1)
+                result = _check(item, params, count_tokens, seen_ids)
+                if isinstance(result, Drop):
+                    drops.append(result)
+                    continue
+                text, audio = result
+                group = _value(lookup(item.extra, cols.client, None)) if cols.client else None
+                if prep.partition.mode == "column" and group is None:
+                    drops.append(Drop(item.id, item.origin, "missing_client", f"no value in column {cols.client!r}"))
+                    continue
+                label = _value(lookup(item.extra, label_column, None)) if label_column else None
+                pool.write_batch(pa.record_batch([pa.array([audio], pa.list_(pa.float32()))], schema=_POOL_SCHEMA))
+                kept.append(_Kept(item.id, text, ours, group, label, len(audio) / SAMPLING_RATE))
+    return kept, drops, seen
+
+
+def _value(v: object) -> str | None:
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return None
+    return str(v).strip()
+
+
+def _check(
+    item: RawItem, params: Params, count_tokens: Callable[[str], int], seen_ids: set[str]
+) -> Drop | tuple[str, np.ndarray]:
+    """(text, 16 kHz audio) for a usable item, else the Drop saying why not."""
+    prep = params.prepare
+
+    def drop(reason: str, detail: str) -> Drop:
+        return Drop(item.id, item.origin, reason, detail)
+
+    if item.id in seen_ids:
+        return drop("duplicate_id", "id already used by an earlier item")
+    seen_ids.add(item.id)
+    text = item.text
+    if text is None:
+        return drop("missing_transcript", f"no transcript (sidecar .txt/.json or column {params.data.columns.text!r})")
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return drop("invalid_utf8", f"transcript is not valid UTF-8 ({exc.reason} at byte {exc.start})")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return drop("invalid_utf8", f"transcript is not valid UTF-8 ({exc.reason} at char {exc.start})")
+    text = text.strip()
+    if not text:
+        return drop("empty_transcript", "transcript is empty or whitespace")
+    n_tokens = count_tokens(text)
+    if n_tokens > prep.max_label_tokens:
+        return drop("too_many_tokens", f"{n_tokens} label tokens > prepare.max_label_tokens {prep.max_label_tokens}")
+    try:
+        if item.audio is None:
+            raise DataError(f"no audio (column {params.data.columns.audio!r})")
+        if isinstance(item.audio, tuple):
+            audio = to_16k_mono(*item.audio)
+        else:
+            audio = load_16k_mono(item.audio, name=item.origin)
+    except DataError as exc:
+        return drop("undecodable", str(exc))
+    if audio.size == 0:
+        return drop("empty_audio", "audio has zero samples")
+    if not np.isfinite(audio).all():
+        return drop("non_finite", f"{int((~np.isfinite(audio)).sum())} NaN/Inf samples")
+    duration = audio.size / SAMPLING_RATE
+    if duration > prep.max_duration_s:
+        return drop("too_long", f"{duration:.2f} s > prepare.max_duration_s {prep.max_duration_s}")
+    return text, audio
+
+
+def _partition(params: Params, kept: list[_Kept]) -> dict[tuple[str, str], list[int]]:
+    """(client, split) -> indices into ``kept`` (sorted by id, subsampled per prepare.max_items_per_client)."""
+    prep = params.prepare
+    ids = [k.id for k in kept]
+    clients = assign_clients(ids, [k.group for k in kept], [k.label for k in kept], prep.partition, prep.seed)
+    listed = set(params.clients)
+    unknown = sorted(set(clients) - listed)
+    if unknown:
+        hint = (
+            f"the {prep.partition.mode} partition names clients {client_names(prep.partition.num_clients)}"
+            if prep.partition.mode != "column"
+            else f"values of column {params.data.columns.client!r}"
+        )
+        raise DataError(
+            f"prepare: clients {unknown} found in the data ({hint}) are not listed in params.yaml `clients:` "
+            f"{params.clients}; update `clients:` to the clients you want"
+        )
+    splits = assign_splits(ids, clients, [k.role for k in kept], prep.split, prep.seed)
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i, (client, split) in enumerate(zip(clients, splits)):
+        groups[(client, split)].append(i)
+    for client in params.clients:
+        if not groups.get((client, "train")):
+            raise DataError(
+                f"prepare: client {client!r} (listed in params.yaml `clients:`) has no usable training items "
+                f"(items per split: { {s: len(groups.get((client, s), [])) for s in SPLITS} }); remove it from "
+                "`clients:` or check the client column / partition settings and the drops CSV"
+            )
+    return {
+        (c, s): subsample(groups.get((c, s), []), ids, prep.max_items_per_client, prep.seed, c, s)
+        for c in params.clients
+        for s in SPLITS
+    }
+
+
+def _write_outputs(
+    tmp: Path, kept: list[_Kept], selected: dict[tuple[str, str], list[int]], clients: list[str]
+) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, float]]]:
+    pool_path = tmp / "_pool.arrow"
+    counts: dict[str, dict[str, int]] = {c: {} for c in clients}
+    seconds: dict[str, dict[str, float]] = {c: {} for c in clients}
+    with pa.memory_map(str(pool_path)) as mm:
+        audio_col = pa.ipc.open_stream(mm).read_all().column("audio")
+
+        for (client, split), indices in tqdm(selected.items(), desc="write", unit="split"):
+            rows = (
+                {
+                    "id": kept[i].id,
+                    "client": client,
+                    "text": kept[i].text,
+                    "audio": audio_col[i].values.to_numpy(zero_copy_only=False),
+                    "duration_s": kept[i].duration_s,
+                }
+                for i in indices
+            )
+            counts[client][split] = write_split(split_path(tmp, client, split), rows)
+            seconds[client][split] = float(sum(kept[i].duration_s for i in indices))
+        del audio_col
+    pool_path.unlink()
+    write_manifest(tmp, counts, clients)
+    return counts, seconds
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    old = out_dir.parent / f"{out_dir.name}.old-{os.getpid()}"
+    if out_dir.exists():
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _write_drops_csv(path: Path, drops: list[Drop]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["id", "origin", "reason", "detail"])
+    for d in drops:
+        writer.writerow([d.id, d.origin, d.reason, d.detail])
+    _atomic_write_text(path, buf.getvalue())
+
+
+def metrics_dict(summary: PrepareSummary, clients: list[str]) -> dict[str, float | int]:
+    """Flat keys: ``items/<client>/<split>``, ``hours/<client>/<split>``, totals, ``drops/<reason>``."""
+    out: dict[str, float | int] = {}
+    for client in clients:
+        for split in SPLITS:
+            out[f"items/{client}/{split}"] = summary.counts[client].get(split, 0)
+            out[f"hours/{client}/{split}"] = round(summary.seconds[client].get(split, 0.0) / 3600, 6)
+    for split in SPLITS:
+        out[f"items/total/{split}"] = sum(summary.counts[c].get(split, 0) for c in clients)
+        out[f"hours/total/{split}"] = round(sum(summary.seconds[c].get(split, 0.0) for c in clients) / 3600, 6)
+    out["items/total"] = sum(out[f"items/total/{s}"] for s in SPLITS)
+    out["hours/total"] = round(sum(sum(summary.seconds[c].values()) for c in clients) / 3600, 6)
+    out["items/seen"] = summary.seen
+    for reason in DROP_REASONS:
+        out[f"drops/{reason}"] = summary.drops[reason]
+    out["drops/total"] = sum(summary.drops.values())
+    out["drop_fraction"] = round(summary.drop_fraction, 6)
+    return out
+
+
+def _write_metrics(path: Path, summary: PrepareSummary, clients: list[str]) -> None:
+    _atomic_write_text(path, json.dumps(metrics_dict(summary, clients), indent=2) + "\n")

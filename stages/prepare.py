@@ -1,0 +1,43 @@
+"""Prepare the dataset: data/prepared/<client>/<split>.arrow, metrics/prepare.json, metrics/prepare_drops.csv."""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from fedwhisper.data.prepare import run_prepare
+from fedwhisper.errors import CheckpointError, FedWhisperError
+from fedwhisper.params import load_params
+
+
+def load_token_counter(base_dir: Path):
+    """len(label ids) with the base model's tokenizer (special prefix/suffix tokens included, as in training)."""
+    from transformers import WhisperTokenizerFast
+
+    if not (base_dir / "tokenizer.json").is_file() and not (base_dir / "vocab.json").is_file():
+        raise CheckpointError(
+            f"{base_dir}: no tokenizer files; run the base stage first (`dvc repro base` or python stages/base.py)"
+        )
+    tokenizer = WhisperTokenizerFast.from_pretrained(str(base_dir))
+    return lambda text: len(tokenizer(text).input_ids)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--base", default="models/base", type=Path, help="model dir whose tokenizer counts labels")
+    parser.add_argument("--out", default="data/prepared", type=Path)
+    parser.add_argument("--metrics-dir", default="metrics", type=Path)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        params = load_params(args.params)
+        run_prepare(params, load_token_counter(args.base), args.out, args.metrics_dir)
+    except FedWhisperError as exc:
+        print(f"prepare: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
