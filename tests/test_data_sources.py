@@ -1,0 +1,245 @@
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from datasets import Audio, Dataset, DatasetDict, Features, Value
+
+from fedwhisper.audio import load_16k_mono
+from fedwhisper.data.partition import assign_clients, assign_splits, resolve_split_map, subsample
+from fedwhisper.data.sources import lookup, open_source
+from fedwhisper.errors import DataError, ParamsError
+from fedwhisper.params import PartitionParams, SplitFractions, params_from_dict
+
+
+def flac_bytes(seconds: float = 0.25, rate: int = 16000, value: float = 0.1) -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, np.full(int(seconds * rate), value, np.float32), rate, format="FLAC")
+    return buf.getvalue()
+
+
+def data_params(**data):
+    return params_from_dict({"data": data}).data
+
+
+def read_all(source):
+    return {split: list(source.iter_split(split)) for split in source.split_names()}
+
+
+def test_lookup_dotted():
+    record = {"json": {"text": "hi", "meta": {"accent": "x"}}, "a.b": 1}
+    assert lookup(record, "json.text") == "hi"
+    assert lookup(record, "json.meta.accent") == "x"
+    assert lookup(record, "a.b") == 1
+    assert lookup(record, "json.nope", None) is None
+
+
+def test_local_folder_splits_sidecars_metadata(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test").mkdir()
+    (tmp_path / "train" / "u1.flac").write_bytes(flac_bytes())
+    (tmp_path / "train" / "u1.txt").write_text("hello there\n")
+    sf.write(tmp_path / "train" / "u2.wav", np.zeros(800, np.float32), 8000)
+    (tmp_path / "train" / "u2.json").write_text(json.dumps({"text": "from json", "speaker": 3}))
+    (tmp_path / "test" / "u3.flac").write_bytes(flac_bytes())
+    (tmp_path / "test" / "u3.txt").write_bytes(b"caf\xe9")  # latin-1, not UTF-8
+    (tmp_path / "metadata.csv").write_text("file_name,accent\ntrain/u1.flac,en-us\ntrain/u2.wav,en-029\n")
+    source = open_source(data_params(source="local", path=str(tmp_path)))
+    items = read_all(source)
+    assert sorted(items) == ["test", "train"]
+    u1, u2 = items["train"]
+    assert (u1.id, u1.text, u1.extra["accent"], u1.split) == ("train/u1", "hello there\n", "en-us", "train")
+    assert (u2.id, u2.text, u2.extra["accent"]) == ("train/u2", "from json", "en-029")
+    assert u1.origin.endswith("u1.flac") and isinstance(u1.audio, Path)
+    (u3,) = items["test"]
+    assert u3.text == b"caf\xe9" and u3.extra == {}
+
+
+def test_local_folder_without_splits_and_text_in_metadata(tmp_path):
+    (tmp_path / "a.flac").write_bytes(flac_bytes())
+    (tmp_path / "meta.csv").write_text("file_name,transcription,accent\na.flac,from csv,x\n")
+    source = open_source(data_params(source="local", path=str(tmp_path), metadata="meta.csv",
+                                     columns={"text": "transcription"}))
+    assert source.split_names() == [""]
+    (item,) = source.iter_split("")
+    assert (item.id, item.text, item.split, item.extra["accent"]) == ("a", "from csv", None, "x")
+
+
+def test_local_folder_errors(tmp_path):
+    with pytest.raises(DataError, match="not a directory"):
+        open_source(data_params(source="local", path=str(tmp_path / "nope")))
+    (tmp_path / "metadata.csv").write_text("path,accent\n")
+    with pytest.raises(DataError, match="file_name"):
+        open_source(data_params(source="local", path=str(tmp_path)))
+
+
+def seed003_dataset() -> DatasetDict:
+    """The seed 003 hub shape: a `flac` audio column and a `json` struct holding `text` and `accent`."""
+    features = Features(
+        {
+            "flac": {"bytes": Value("binary"), "path": Value("string")},
+            "json": {"text": Value("string"), "accent": Value("string")},
+        }
+    )
+
+    def split(n, offset):
+        rows = {
+            "flac": [{"bytes": flac_bytes(value=0.01 * (i + offset)), "path": None} for i in range(n)],
+            "json": [{"text": f"utt {i + offset}", "accent": "ab"[i % 2]} for i in range(n)],
+        }
+        return Dataset.from_dict(rows, features=features).cast_column("flac", Audio())
+
+    return DatasetDict({"train": split(3, 0), "test": split(2, 10)})
+
+
+def check_seed003_items(items, where):
+    assert sorted(items) == ["test", "train"]
+    train = items["train"]
+    assert [i.text for i in train] == ["utt 0", "utt 1", "utt 2"]
+    assert [i.id for i in train] == ["train/0000000", "train/0000001", "train/0000002"]
+    assert [lookup(i.extra, "json.accent") for i in train] == ["a", "b", "a"]
+    assert isinstance(train[1].audio, bytes)
+    assert abs(load_16k_mono(train[1].audio).mean() - 0.01) < 1e-3
+    assert items["test"][0].origin == f"{where}[test] row 0"
+
+
+def test_hf_streaming_parquet_dir(tmp_path):
+    for name, ds in seed003_dataset().items():
+        ds.to_parquet(str(tmp_path / f"{name}-00000-of-00001.parquet"))
+    source = open_source(
+        data_params(source="hf", path=str(tmp_path), columns={"audio": "flac", "text": "json.text"})
+    )
+    check_seed003_items(read_all(source), str(tmp_path))
+
+
+def test_hf_save_to_disk(tmp_path):
+    seed003_dataset().save_to_disk(str(tmp_path / "ds"))
+    source = open_source(
+        data_params(source="hf_disk", path=str(tmp_path / "ds"), columns={"audio": "flac", "text": "json.text"})
+    )
+    check_seed003_items(read_all(source), str(tmp_path / "ds"))
+    limited = open_source(
+        data_params(source="hf_disk", path=str(tmp_path / "ds"), columns={"audio": "flac"}, max_items=1)
+    )
+    assert len(list(limited.iter_split("train"))) == 1
+
+
+def test_hf_missing_audio_column(tmp_path):
+    seed003_dataset().save_to_disk(str(tmp_path / "ds"))
+    source = open_source(data_params(source="hf_disk", path=str(tmp_path / "ds"), columns={"audio": "wav"}))
+    with pytest.raises(DataError, match="no audio column 'wav'.*data.columns.audio"):
+        list(source.iter_split("train"))
+
+
+def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_shards(tmp_path):
+    for split, n in [("train", 3), ("test", 1)]:
+        (tmp_path / split).mkdir()
+        samples = [
+            (f"{split}{i:03d}", {"flac": flac_bytes(), "json": json.dumps({"text": f"t{i}", "accent": "x"}).encode()})
+            for i in range(n)
+        ]
+        write_shard(tmp_path / split / "shard-000000.tar", samples[:2])
+        if n > 2:
+            write_shard(tmp_path / split / "shard-000001.tar", samples[2:])
+    source = open_source(
+        data_params(source="webdataset", path=str(tmp_path), columns={"audio": "flac", "text": "json.text"})
+    )
+    items = read_all(source)
+    assert [i.id for i in items["train"]] == ["train/train000", "train/train001", "train/train002"]
+    assert [i.text for i in items["train"]] == ["t0", "t1", "t2"]
+    assert items["train"][2].origin.endswith("shard-000001.tar:train002")
+    assert items["test"][0].extra["accent"] == "x" and isinstance(items["test"][0].audio, bytes)
+    glob_source = open_source(
+        data_params(source="webdataset", path=str(tmp_path / "train" / "*.tar"), columns={"text": "text"})
+    )
+    assert [i.text for i in glob_source.iter_split("")] == ["t0", "t1", "t2"]
+    with pytest.raises(DataError, match="no .tar shards"):
+        open_source(data_params(source="webdataset", path=str(tmp_path / "none" / "*.tar")))
+
+
+def test_resolve_split_map():
+    assert resolve_split_map(["train", "dev", "test"], {}) == {"train": "train", "validation": "dev", "test": "test"}
+    assert resolve_split_map(["clips"], {}) == {}
+    assert resolve_split_map(["a", "b"], {"train": "a", "test": "b"}) == {"train": "a", "test": "b"}
+    with pytest.raises(DataError, match=r"data.splits.test: the dataset has no split 'c'"):
+        resolve_split_map(["a", "b"], {"train": "a", "test": "c"})
+    with pytest.raises(ParamsError, match="data.splits.dev"):
+        resolve_split_map(["a"], {"dev": "a"})
+
+
+IDS = [f"utt{i:03d}" for i in range(200)]
+LABELS = ["abcd"[i % 4] for i in range(200)]
+
+
+def test_column_partition():
+    assert assign_clients(["x", "y"], ["en-us", "en-029"], [None, None], PartitionParams(mode="column"), 0) == [
+        "en-us",
+        "en-029",
+    ]
+
+
+def test_iid_partition_is_seeded_and_balanced():
+    part = PartitionParams(mode="iid", num_clients=4)
+    a = assign_clients(IDS, LABELS, LABELS, part, seed=1)
+    assert a == assign_clients(IDS, LABELS, LABELS, part, seed=1)
+    assert a != assign_clients(IDS, LABELS, LABELS, part, seed=2)
+    assert sorted(set(a)) == ["client_0", "client_1", "client_2", "client_3"]
+    assert [a.count(f"client_{i}") for i in range(4)] == [50, 50, 50, 50]
+    # Assignment depends on ids, not on input order.
+    rev = assign_clients(IDS[::-1], LABELS[::-1], LABELS[::-1], part, seed=1)
+    assert rev[::-1] == a
+
+
+def label_share(clients, labels, client):
+    mine = [lab for c, lab in zip(clients, labels) if c == client]
+    return max(mine.count(x) for x in "abcd") / max(len(mine), 1)
+
+
+def test_dirichlet_partition_is_seeded_and_skewed():
+    skewed = PartitionParams(mode="dirichlet", num_clients=4, alpha=0.05)
+    even = PartitionParams(mode="dirichlet", num_clients=4, alpha=1000.0)
+    a = assign_clients(IDS, LABELS, LABELS, skewed, seed=0)
+    assert a == assign_clients(IDS, LABELS, LABELS, skewed, seed=0)
+    assert a != assign_clients(IDS, LABELS, LABELS, skewed, seed=3)
+    assert all(c.startswith("client_") for c in a)
+    b = assign_clients(IDS, LABELS, LABELS, even, seed=0)
+    skew_a = np.mean([label_share(a, LABELS, f"client_{i}") for i in range(4) if f"client_{i}" in a])
+    skew_b = np.mean([label_share(b, LABELS, f"client_{i}") for i in range(4)])
+    assert skew_a > 0.6 and skew_b < 0.35
+    assert all(abs(b.count(f"client_{i}") - 50) <= 4 for i in range(4))
+
+
+def test_assign_splits_pooled_and_carved():
+    clients = ["a"] * 100 + ["b"] * 50
+    ids = [f"{c}{i:03d}" for i, c in enumerate(clients)]
+    pooled = assign_splits(ids, clients, [None] * 150, SplitFractions(validation=0.1, test=0.2), seed=0)
+    assert pooled == assign_splits(ids, clients, [None] * 150, SplitFractions(validation=0.1, test=0.2), seed=0)
+    count = lambda c, s: sum(1 for cl, sp in zip(clients, pooled) if cl == c and sp == s)  # noqa: E731
+    assert (count("a", "test"), count("a", "validation"), count("a", "train")) == (20, 10, 70)
+    assert (count("b", "test"), count("b", "validation"), count("b", "train")) == (10, 5, 35)
+    roles = ["train"] * 120 + ["test"] * 30
+    carved = assign_splits(ids, clients, roles, SplitFractions(validation=0.25, test=0.2), seed=0)
+    assert carved[120:] == ["test"] * 30
+    assert carved[:100].count("validation") == 25 and carved[100:120].count("validation") == 5
+    assert "test" not in carved[:120]
+
+
+def test_subsample_seeded_sorted():
+    ids = [f"x{i:02d}" for i in range(30)]
+    idx = list(range(29, -1, -1))
+    a = subsample(idx, ids, 5, 0, "c", "train")
+    assert a == subsample(idx, ids, 5, 0, "c", "train") and len(a) == 5 and a == sorted(a)
+    assert subsample(idx, ids, 5, 0, "c", "test") != a or subsample(idx, ids, 5, 1, "c", "train") != a
+    assert subsample(idx, ids, None, 0, "c", "train") == list(range(30))
