@@ -208,17 +208,26 @@ def label_share(clients, labels, client):
 
 
 def test_dirichlet_partition_is_seeded_and_skewed():
-    skewed = PartitionParams(mode="dirichlet", num_clients=4, alpha=0.05)
+    skewed = PartitionParams(mode="dirichlet", num_clients=4, alpha=0.1)
     even = PartitionParams(mode="dirichlet", num_clients=4, alpha=1000.0)
     a = assign_clients(IDS, LABELS, LABELS, skewed, seed=0)
     assert a == assign_clients(IDS, LABELS, LABELS, skewed, seed=0)
     assert a != assign_clients(IDS, LABELS, LABELS, skewed, seed=3)
-    assert all(c.startswith("client_") for c in a)
+    assert sorted(set(a)) == ["client_0", "client_1", "client_2", "client_3"]
+
+    def mean_skew(part):
+        shares = []
+        for seed in range(5):
+            clients = assign_clients(IDS, LABELS, LABELS, part, seed=seed)
+            shares += [label_share(clients, LABELS, f"client_{i}") for i in range(4)]
+        return np.mean(shares)
+
+    assert mean_skew(skewed) > 0.6 and mean_skew(even) < 0.3
     b = assign_clients(IDS, LABELS, LABELS, even, seed=0)
-    skew_a = np.mean([label_share(a, LABELS, f"client_{i}") for i in range(4) if f"client_{i}" in a])
-    skew_b = np.mean([label_share(b, LABELS, f"client_{i}") for i in range(4)])
-    assert skew_a > 0.6 and skew_b < 0.35
     assert all(abs(b.count(f"client_{i}") - 50) <= 4 for i in range(4))
+    strata = ["train"] * 150 + ["test"] * 50
+    c = assign_clients(IDS, LABELS, LABELS, skewed, seed=0, strata=strata)
+    assert all(len(set(c[lo:hi])) == 4 for lo, hi in [(0, 150), (150, 200)])
 
 
 def test_assign_splits_pooled_and_carved():

@@ -15,6 +15,7 @@ from fedwhisper.params import PartitionParams, SplitFractions
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
+DIRICHLET_DRAWS = 1000
 SPLIT_ALIASES = {
     "train": ("train", "training"),
     "validation": ("validation", "valid", "val", "dev"),
@@ -57,33 +58,53 @@ def assign_clients(
     labels: Sequence[str | None],
     partition: PartitionParams,
     seed: int,
+    strata: Sequence[str | None] | None = None,
 ) -> list[str]:
-    """One client name per item: ``groups`` as-is (column mode), or IID / Dirichlet(alpha) over ``labels``."""
+    """One client name per item: ``groups`` as-is (column mode), or IID / Dirichlet(alpha) over ``labels``.
+
+    ``strata`` (the dataset's own split per item) are partitioned alike, so each client's test items follow the
+    same distribution as its training items.
+    """
     if partition.mode == "column":
         return [str(g) for g in groups]
     n = partition.num_clients
     names = client_names(n)
-    order = sorted(range(len(ids)), key=lambda i: ids[i])
+    strata = strata if strata is not None else [None] * len(ids)
+    by_stratum: dict[str, list[int]] = defaultdict(list)
+    for i in sorted(range(len(ids)), key=lambda i: ids[i]):
+        by_stratum["" if strata[i] is None else str(strata[i])].append(i)
     out = [""] * len(ids)
     if partition.mode == "iid":
-        perm = _rng(seed, "iid").permutation(len(order))
-        for rank, pos in enumerate(perm):
-            out[order[pos]] = names[rank % n]
+        for stratum in sorted(by_stratum):
+            order = by_stratum[stratum]
+            perm = _rng(seed, "iid", stratum).permutation(len(order))
+            for rank, pos in enumerate(perm):
+                out[order[pos]] = names[rank % n]
         return out
     # Dirichlet label skew (Hsu et al. 2019): for each label k draw p_k ~ Dir(alpha * 1_N) and give client j the
-    # share p_kj of that label's items (shuffled, contiguous cuts at round(cumsum(p_k) * n_k)).
+    # share p_kj of that label's items (shuffled, contiguous cuts at round(cumsum(p_k) * n_k)), in every stratum.
+    # The draw is repeated (seeded) until every client has items in every stratum, as far as that is possible.
     rng = _rng(seed, "dirichlet")
-    by_label: dict[str, list[int]] = defaultdict(list)
-    for i in order:
-        by_label["" if labels[i] is None else str(labels[i])].append(i)
-    for label in sorted(by_label):
-        members = by_label[label]
-        members = [members[j] for j in rng.permutation(len(members))]
-        shares = rng.dirichlet(np.full(n, partition.alpha))
-        cuts = np.round(np.cumsum(shares)[:-1] * len(members)).astype(int)
-        for client, part in zip(names, np.split(np.asarray(members, dtype=np.int64), cuts)):
-            for i in part:
-                out[int(i)] = client
+    label_of = ["" if lab is None else str(lab) for lab in labels]
+    need = min(len(v) for v in by_stratum.values()) >= n if by_stratum else False
+    for _ in range(DIRICHLET_DRAWS):
+        shares = {label: rng.dirichlet(np.full(n, partition.alpha)) for label in sorted(set(label_of))}
+        for stratum in sorted(by_stratum):
+            by_label: dict[str, list[int]] = defaultdict(list)
+            for i in by_stratum[stratum]:
+                by_label[label_of[i]].append(i)
+            for label in sorted(by_label):
+                members = by_label[label]
+                perm = _rng(seed, "dirichlet", stratum, label).permutation(len(members))
+                members = np.asarray([members[j] for j in perm], dtype=np.int64)
+                cuts = np.round(np.cumsum(shares[label])[:-1] * len(members)).astype(int)
+                for client, part in zip(names, np.split(members, cuts)):
+                    for i in part:
+                        out[int(i)] = client
+        if not need or all(len({out[i] for i in members}) == n for members in by_stratum.values()):
+            break
+    else:
+        log.warning("dirichlet partition: some client has no items in some split after %d draws", DIRICHLET_DRAWS)
     return out
 
 

@@ -229,7 +229,8 @@ def _partition(params: Params, kept: list[_Kept]) -> dict[tuple[str, str], list[
     """(client, split) -> indices into ``kept`` (sorted by id, subsampled per prepare.max_items_per_client)."""
     prep = params.prepare
     ids = [k.id for k in kept]
-    clients = assign_clients(ids, [k.group for k in kept], [k.label for k in kept], prep.partition, prep.seed)
+    roles = [k.role for k in kept]
+    clients = assign_clients(ids, [k.group for k in kept], [k.label for k in kept], prep.partition, prep.seed, roles)
     listed = set(params.clients)
     unknown = sorted(set(clients) - listed)
     if unknown:
@@ -242,7 +243,7 @@ def _partition(params: Params, kept: list[_Kept]) -> dict[tuple[str, str], list[
             f"prepare: clients {unknown} found in the data ({hint}) are not listed in params.yaml `clients:` "
             f"{params.clients}; update `clients:` to the clients you want"
         )
-    splits = assign_splits(ids, clients, [k.role for k in kept], prep.split, prep.seed)
+    splits = assign_splits(ids, clients, roles, prep.split, prep.seed)
     groups: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, (client, split) in enumerate(zip(clients, splits)):
         groups[(client, split)].append(i)
