@@ -228,3 +228,28 @@ def test_stage_on_sample_corpus(tmp_path, tiny_en_dir):
     assert m["items/total"] + m["drops/total"] == m["items/seen"]
     assert set(list_clients(work / "data" / "prepared")) == set(params["clients"])
     assert "prepare:" in proc.stderr and "items" in proc.stderr
+
+
+def test_unsplit_webdataset_is_carved_by_fractions(tmp_path):
+    from test_data_sources import flac_bytes, write_shard
+
+    samples = [
+        (f"k{i:03d}", {"flac": flac_bytes(value=0.01 * (i + 1)),
+                       "json": json.dumps({"text": f"sample {i}", "meta": {"dialect": "xy"[i % 2]}}).encode()})
+        for i in range(20)
+    ]
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    write_shard(shards / "a-000.tar", samples[:12])
+    write_shard(shards / "a-001.tar", samples[12:])
+    params = params_from_dict({
+        "data": {"source": "webdataset", "path": str(shards / "*.tar"),
+                 "columns": {"audio": "flac", "text": "json.text", "client": "json.meta.dialect"}},
+        "prepare": {"split": {"validation": 0.2, "test": 0.3}},
+        "clients": ["x", "y"],
+    })
+    run_prepare(params, count_words, tmp_path / "o", tmp_path / "m")
+    assert read_manifest(tmp_path / "o")["splits"] == {c: {"train": 5, "validation": 2, "test": 3} for c in "xy"}
+    test_y = load_split(tmp_path / "o", "y", "test")
+    assert all(int(i[1:]) % 2 == 1 for i in test_y["id"])
+    assert all(t.startswith("sample ") for t in test_y["text"])
