@@ -12,7 +12,14 @@ import soundfile as sf
 import yaml
 
 from fedwhisper.data.prepare import DROP_REASONS, run_prepare
-from fedwhisper.data.prepared import SCHEMA, list_clients, load_split, load_test_pooled, read_manifest
+from fedwhisper.data.prepared import (
+    SCHEMA,
+    iter_split_arrays,
+    list_clients,
+    load_split,
+    load_test_pooled,
+    read_manifest,
+)
 from fedwhisper.errors import DataError
 from fedwhisper.params import params_from_dict
 
@@ -136,6 +143,9 @@ def test_prepared_format_and_readers(tmp_path):
     assert row["audio"].dtype == np.float32 and row["client"] == "a"
     assert len(row["audio"]) == round(row["duration_s"] * 16000)
     assert row["text"] == "a says " + row["id"][-1]
+    first_id, first_text, first_audio = next(iter_split_arrays(out, "a", "train"))
+    assert (first_id, first_text) == (row["id"], row["text"])
+    np.testing.assert_array_equal(first_audio, row["audio"])
     pooled = load_test_pooled(out)
     assert len(pooled) == 8 and set(pooled["client"]) == {"a", "b"}
     with pytest.raises(DataError, match="no prepared train split for client 'zz'"):

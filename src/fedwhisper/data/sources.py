@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import csv
 import glob
-import io
 import json
-import logging
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +19,6 @@ import numpy as np
 from fedwhisper.audio import AUDIO_EXTENSIONS
 from fedwhisper.errors import DataError
 from fedwhisper.params import DataParams
-
-log = logging.getLogger(__name__)
 
 # Audio is encoded bytes, a file path, or a decoded (array, sampling rate) pair.
 AudioRef = Union[bytes, Path, tuple[np.ndarray, int]]
