@@ -1,0 +1,379 @@
+"""Streaming merge engine: reads one tensor name at a time from every input, merges it, and streams it to disk.
+
+Memory: the inputs are read one tensor at a time (see ``formats.checkpoints``), and the output is streamed into a
+safetensors file whose header is written first (shapes and dtypes are known up front), so peak memory is
+O(N x the largest tensor), not N models, and not even one whole output model.
+
+Passes:
+- one pass when no decision needs whole-model statistics: merge, screening statistics and non-finite checks
+  together;
+- two passes when ``screening.exclude`` is on, or for Krum: a first pass accumulates the statistics (and the
+  pairwise squared distances), clients are excluded / selected, then the second pass merges.
+
+The sha256 of every input is computed in a background thread while merging and patched into the header at the end
+(fixed-length hex, so the header length does not change). The same inputs and params give the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import struct
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from fedwhisper.errors import CheckpointError, MergeError
+from fedwhisper.formats.checkpoints import DTYPE_TO_SAFETENSORS, CheckpointReader
+from fedwhisper.merge.screening import ScreeningStats, count_nonfinite, flag_clients
+from fedwhisper.merge.strategies import Krum, Strategy, TensorContext
+
+log = logging.getLogger(__name__)
+
+HASH_PLACEHOLDER = "0" * 64
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------- writer
+
+
+class SafetensorsStreamWriter:
+    """Writes a safetensors file tensor by tensor, in the order of ``entries``, to an open binary file."""
+
+    def __init__(self, path: Path, entries: Sequence[tuple[str, tuple[int, ...], torch.dtype]],
+                 metadata: dict[str, str]):
+        self.path = Path(path)
+        self.entries = list(entries)
+        self._layout: dict[str, dict[str, Any]] = {}
+        offset = 0
+        for name, shape, dtype in self.entries:
+            nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            self._layout[name] = {"dtype": DTYPE_TO_SAFETENSORS[dtype], "shape": list(shape),
+                                  "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        self.data_bytes = offset
+        header = self._header(metadata)
+        self._header_len = len(header)
+        self._f = open(self.path, "wb")
+        self._f.write(struct.pack("<Q", len(header)))
+        self._f.write(header)
+        self._next = 0
+
+    def _header(self, metadata: dict[str, str]) -> bytes:
+        body = {"__metadata__": dict(sorted(metadata.items())), **self._layout}
+        raw = json.dumps(body, separators=(",", ":")).encode()
+        return raw + b" " * (-len(raw) % 8)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        expected_name, shape, dtype = self.entries[self._next]
+        if name != expected_name or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise MergeError(f"internal: writer expected {expected_name} {shape} {dtype}, "
+                             f"got {name} {tuple(tensor.shape)} {tensor.dtype}")
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._f.write(memoryview(data))
+        self._next += 1
+
+    def finish(self, metadata: dict[str, str]) -> None:
+        """Patch the final metadata into the header (same length) and close the file."""
+        if self._next != len(self.entries):
+            raise MergeError(f"internal: {len(self.entries) - self._next} tensors were not written")
+        header = self._header(metadata)
+        if len(header) != self._header_len:
+            raise MergeError("internal: final safetensors header changed length")
+        self._f.seek(8)
+        self._f.write(header)
+        self._f.close()
+
+    def abort(self) -> None:
+        self._f.close()
+        self.path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- plan and report
+
+
+@dataclass
+class MergePlan:
+    """What to merge and how. ``weights`` and each module-weight row are normalised, one per client."""
+
+    strategy: Strategy
+    weights: list[float]
+    module_weights: list[tuple[str, list[float]]] = field(default_factory=list)
+    accumulate_dtype: torch.dtype = torch.float32
+    out_dtype: torch.dtype | None = None
+    seed: int = 0
+    exclude: bool = False
+    max_cosine_distance: float = 1.0
+    max_norm_ratio: float = 5.0
+
+    def weights_for(self, name: str, weights: list[float], module_weights: list[tuple[str, list[float]]]
+                    ) -> list[float]:
+        for pattern, row in module_weights:
+            if re.search(pattern, name):
+                return row
+        return weights
+
+
+@dataclass
+class MergeReport:
+    client_names: list[str]
+    weights_used: list[float]
+    excluded: list[bool]
+    flags: list[str | None]
+    l2_to_base: list[float | None]
+    cosine_to_mean: list[float | None]
+    nonfinite: list[int]
+    selected: list[int] | None
+    sha256: dict[str, str]
+    n_tensors: int
+    n_params: int
+    passes: int
+    seconds: float
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _short(names: Sequence[str], k: int = 5) -> str:
+    names = sorted(names)
+    return ", ".join(names[:k]) + (f" (+{len(names) - k} more)" if len(names) > k else "")
+
+
+def validate_inputs(readers: Sequence[CheckpointReader], base: CheckpointReader | None) -> list[str]:
+    """Check that every input (and the base) has the same tensor names, shapes and architecture; return names."""
+    if not readers:
+        raise MergeError("no inputs to merge; give at least one checkpoint with a positive weight")
+    ref = base or readers[0]
+    ref_role = "base" if base is not None else "first input"
+    ref_names = set(ref.names())
+    for r in readers if base is not None else readers[1:]:
+        names = set(r.names())
+        if names != ref_names:
+            missing, extra = ref_names - names, names - ref_names
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)}: {_short(missing)}")
+            if extra:
+                parts.append(f"extra {len(extra)}: {_short(extra)}")
+            raise CheckpointError(
+                f"{r.path}: tensor names differ from the {ref_role} {ref.path} ({'; '.join(parts)}); "
+                "all checkpoints must be the same Whisper architecture"
+            )
+        if ref.arch and r.arch:
+            diff = {k: (r.arch[k], ref.arch[k]) for k in ref.arch if k in r.arch and r.arch[k] != ref.arch[k]}
+            if diff:
+                raise CheckpointError(
+                    f"{r.path}: architecture differs from the {ref_role} {ref.path} "
+                    f"({', '.join(f'{k}={a} vs {b}' for k, (a, b) in sorted(diff.items()))}); "
+                    "merge only fine-tunes of the same base model"
+                )
+        for name in sorted(names):
+            a, b = r.info(name), ref.info(name)
+            if a.shape != b.shape:
+                raise CheckpointError(
+                    f"{r.path}: tensor '{name}' has shape {list(a.shape)} but the {ref_role} {ref.path} has "
+                    f"{list(b.shape)}; all checkpoints must be the same Whisper architecture"
+                )
+            if a.dtype.is_floating_point != b.dtype.is_floating_point:
+                raise CheckpointError(
+                    f"{r.path}: tensor '{name}' is {a.dtype} but the {ref_role} {ref.path} has {b.dtype}"
+                )
+    return sorted(ref_names)
+
+
+def _out_dtype(name: str, readers: Sequence[CheckpointReader], plan: MergePlan) -> torch.dtype:
+    dtypes = {r.info(name).dtype for r in readers}
+    first = readers[0].info(name).dtype
+    if not first.is_floating_point:
+        return first
+    if plan.out_dtype is not None:
+        return plan.out_dtype
+    return first if len(dtypes) == 1 else torch.float32
+
+
+# --------------------------------------------------------------------------- passes
+
+
+def _nonfinite_error(reader: CheckpointReader, name: str, count: int) -> CheckpointError:
+    return CheckpointError(
+        f"{reader.path}: tensor '{name}' has {count} NaN/Inf values; fix or drop this client, or set "
+        "aggregation.screening.exclude: true to screen it out"
+    )
+
+
+def _stats_pass(names, readers, base, plan: MergePlan, pairwise: bool) -> ScreeningStats:
+    stats = ScreeningStats(len(readers), with_base=base is not None, pairwise=pairwise,
+                           dtype=plan.accumulate_dtype)
+    for name in tqdm(names, desc="screen", unit="tensor", leave=False):
+        b = base.read(name) if base is not None else None
+        if b is not None:
+            bad = count_nonfinite(b)
+            if bad:
+                raise _nonfinite_error(base, name, bad)
+        xs = [r.read(name) for r in readers]
+        stats.update(name, xs, b)
+        del xs, b
+    return stats
+
+
+def merge_checkpoints(client_names: Sequence[str], readers: Sequence[CheckpointReader],
+                      base: CheckpointReader | None, plan: MergePlan, out_file: Path,
+                      metadata: dict[str, str]) -> MergeReport:
+    """Merge ``readers`` (one per client, every one with a positive weight somewhere) into ``out_file``.
+
+    ``metadata`` goes into the safetensors header; ``"fedwhisper.inputs"`` is added with every input's sha256.
+    """
+    t0 = time.perf_counter()
+    n = len(readers)
+    strategy = plan.strategy
+    if strategy.needs_base and base is None:
+        raise MergeError(f"strategy '{strategy.name}' works on deltas and needs a base model; "
+                         "pass --base DIR or run the base stage (models/base)")
+    names = validate_inputs(readers, base)
+
+    hasher = ThreadPoolExecutor(max_workers=1)
+    hashes: dict[str, Future] = {cn: hasher.submit(r.sha256) for cn, r in zip(client_names, readers)}
+    if base is not None:
+        hashes["base"] = hasher.submit(base.sha256)
+
+    weights = list(plan.weights)
+    module_weights = [(p, list(row)) for p, row in plan.module_weights]
+    is_krum = isinstance(strategy, Krum)
+    two_pass = plan.exclude or is_krum
+    excluded = [False] * n
+    selected: list[int] | None = None
+    stats: ScreeningStats | None = None
+    try:
+        if two_pass:
+            stats = _stats_pass(names, readers, base, plan, pairwise=is_krum)
+            flags = flag_clients(stats, plan.max_cosine_distance, plan.max_norm_ratio)
+            if plan.exclude:
+                excluded = [f is not None for f in flags]
+            for i in range(n):
+                if stats.nonfinite[i] and not excluded[i]:
+                    raise _nonfinite_error(readers[i], stats.first_nonfinite[i] or "?", stats.nonfinite[i])
+            keep = [i for i in range(n) if not excluded[i]]
+            if is_krum:
+                if stats.dist2 is None:  # pragma: no cover
+                    raise MergeError("internal: Krum needs pairwise distances")
+                sub = stats.dist2[keep][:, keep]
+                selected = [keep[j] for j in strategy.select(sub)]
+                keep = selected
+            drop = [i for i in range(n) if i not in keep]
+            weights = _zero_and_renormalise(weights, drop, "aggregation.weights", client_names, flags)
+            module_weights = [(p, _zero_and_renormalise(row, drop, f"aggregation.module_weights[{p!r}]",
+                                                        client_names, flags, allow_empty=True))
+                              for p, row in module_weights]
+
+        entries = [(name, readers[0].info(name).shape, _out_dtype(name, readers, plan)) for name in names]
+        meta = dict(metadata)
+        meta["fedwhisper.weights"] = json.dumps(dict(zip(client_names, weights)), sort_keys=True)
+        if module_weights:
+            meta["fedwhisper.module_weights"] = json.dumps(
+                [[p, dict(zip(client_names, row))] for p, row in module_weights], sort_keys=True)
+        meta["fedwhisper.inputs"] = json.dumps({k: HASH_PLACEHOLDER for k in hashes}, sort_keys=True)
+        writer = SafetensorsStreamWriter(out_file, entries, meta)
+        try:
+            if not two_pass:
+                stats = ScreeningStats(n, with_base=base is not None, dtype=plan.accumulate_dtype)
+            n_params = 0
+            for (name, shape, out_dtype) in tqdm(entries, desc=f"merge ({strategy.name})", unit="tensor",
+                                                 leave=False):
+                w_all = plan.weights_for(name, weights, module_weights)
+                b = base.read(name) if base is not None and (strategy.needs_base or not two_pass) else None
+                first = readers[0].info(name).dtype
+                if not first.is_floating_point:
+                    merged = _copy_equal(name, readers, excluded)
+                elif not two_pass:
+                    xs = [r.read(name) for r in readers]
+                    if b is not None:
+                        bad = count_nonfinite(b)
+                        if bad:
+                            raise _nonfinite_error(base, name, bad)
+                    counts = stats.update(name, xs, b)
+                    for i, c in enumerate(counts):
+                        if c and w_all[i] > 0:
+                            raise _nonfinite_error(readers[i], name, c)
+                    idx = [i for i in range(n) if w_all[i] > 0]
+                    merged = _merge_one(strategy, [xs[i] for i in idx], [w_all[i] for i in idx], b, name, plan)
+                    del xs
+                else:
+                    idx = [i for i in range(n) if w_all[i] > 0]
+                    xs = [readers[i].read(name) for i in idx]
+                    merged = _merge_one(strategy, xs, [w_all[i] for i in idx], b, name, plan)
+                    del xs
+                writer.write(name, merged.to(out_dtype))
+                n_params += merged.numel()
+                del merged, b
+            sha = {k: f.result() for k, f in hashes.items()}
+            meta["fedwhisper.inputs"] = json.dumps(sha, sort_keys=True)
+            writer.finish(meta)
+        except BaseException:
+            writer.abort()
+            raise
+    finally:
+        hasher.shutdown(wait=True, cancel_futures=True)
+
+    if stats is None:  # pragma: no cover
+        raise MergeError("internal: no screening statistics")
+    flags = flag_clients(stats, plan.max_cosine_distance, plan.max_norm_ratio)
+    report = MergeReport(
+        client_names=list(client_names), weights_used=weights, excluded=excluded, flags=flags,
+        l2_to_base=stats.l2_to_base, cosine_to_mean=stats.cosine_to_mean, nonfinite=stats.nonfinite,
+        selected=selected, sha256=sha, n_tensors=len(entries), n_params=n_params,
+        passes=2 if two_pass else 1, seconds=time.perf_counter() - t0,
+    )
+    log.info("merged %d clients with %s: %d tensors, %.1fM params, %d pass(es), %.1f s -> %s",
+             n - sum(excluded), strategy.name, len(entries), n_params / 1e6, report.passes, report.seconds, out_file)
+    return report
+
+
+def _zero_and_renormalise(weights: list[float], drop: list[int], key: str, client_names: Sequence[str],
+                          flags: Sequence[str | None], allow_empty: bool = False) -> list[float]:
+    out = [0.0 if i in drop else w for i, w in enumerate(weights)]
+    total = math.fsum(out)
+    if total <= 0:
+        if allow_empty:
+            return out
+        reasons = "; ".join(f"{client_names[i]}: {flags[i] or 'not selected'}" for i in drop)
+        raise MergeError(f"{key}: every client with a positive weight was screened out ({reasons}); "
+                         "loosen aggregation.screening or fix the inputs")
+    return [w / total for w in out]
+
+
+def _copy_equal(name: str, readers: Sequence[CheckpointReader], excluded: Sequence[bool]) -> torch.Tensor:
+    """Non-float tensors are not merged: every input must hold the same values, which are copied."""
+    ref = None
+    ref_reader = None
+    for r, ex in zip(readers, excluded):
+        if ex:
+            continue
+        t = r.read(name)
+        if ref is None:
+            ref, ref_reader = t, r
+        elif not torch.equal(ref, t):
+            raise CheckpointError(f"{r.path}: non-float tensor '{name}' differs from {ref_reader.path}; "
+                                  "integer/bool tensors are copied, not merged, so they must be equal")
+    if ref is None:  # pragma: no cover
+        raise MergeError(f"internal: no input for tensor '{name}'")
+    return ref
+
+
+def _merge_one(strategy: Strategy, xs: list[torch.Tensor], w: list[float], base: torch.Tensor | None,
+               name: str, plan: MergePlan) -> torch.Tensor:
+    if not xs:
+        if base is not None:  # every client has weight 0 for this module: keep the base
+            return base
+        raise MergeError(f"tensor '{name}': every client has weight 0 here (aggregation.module_weights); "
+                         "give at least one client a positive weight for it")
+    total = math.fsum(w)
+    w = [wi / total for wi in w]
+    ctx = TensorContext(name=name, dtype=plan.accumulate_dtype, seed=plan.seed)
+    return strategy.merge(xs, w, base, ctx)

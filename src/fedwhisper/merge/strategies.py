@@ -1,0 +1,311 @@
+"""Merge strategies: the maths on plain tensors, apart from any I/O.
+
+Every strategy computes one output tensor from the matching tensors of N client models
+(``xs[i]``, any float dtype), their normalised weights ``w`` (non-negative, summing to 1; clients with weight 0 are
+never passed in), and, for strategies on deltas, the base tensor ``base``. Arithmetic runs in ``ctx.dtype``
+(float32 or float64). Notation: ``x_i`` client tensors, ``b`` base, ``tau_i = x_i - b`` task vectors.
+
+A new strategy is one new class registered in ``STRATEGIES``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import ClassVar, Sequence
+
+import numpy as np
+import torch
+
+from fedwhisper.errors import MergeError
+
+
+@dataclass(frozen=True)
+class TensorContext:
+    """What a strategy may know besides the tensors: the tensor's name, accumulator dtype, and the DARE seed."""
+
+    name: str = ""
+    dtype: torch.dtype = torch.float32
+    seed: int = 0
+
+    def generator(self, client: int) -> torch.Generator:
+        """A generator seeded from (seed, tensor name, client): the same drops whatever order tensors come in."""
+        digest = hashlib.sha256(f"{self.seed}\0{self.name}\0{client}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def normalise_weights(weights: Sequence[float], n: int, key: str = "aggregation.weights") -> list[float]:
+    """Check ``weights`` (length n, finite, non-negative, not all zero) and scale them to sum to 1."""
+    ws = list(weights)
+    if len(ws) != n:
+        raise MergeError(f"{key}: got {len(ws)} weights for {n} clients; give exactly one weight per client")
+    for i, w in enumerate(ws):
+        if not isinstance(w, (int, float)) or isinstance(w, bool) or math.isnan(w) or math.isinf(w):
+            raise MergeError(f"{key}[{i}]: got {w!r}; every weight must be a finite number")
+        if w < 0:
+            raise MergeError(f"{key}[{i}]: got {w}; weights must be non-negative")
+    total = math.fsum(ws)
+    if total <= 0:
+        raise MergeError(f"{key}: all weights are zero; give at least one client a positive weight")
+    return [float(w) / total for w in ws]
+
+
+def weighted_sum(xs: Sequence[torch.Tensor], w: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
+    """sum_i w_i x_i, accumulated in ``dtype`` one client at a time (inputs are cast on the fly)."""
+    acc = torch.zeros(xs[0].shape, dtype=dtype)
+    for x, wi in zip(xs, w):
+        acc.add_(x, alpha=wi)
+    return acc
+
+
+def _require_base(name: str, base: torch.Tensor | None, ctx: TensorContext) -> torch.Tensor:
+    if base is None:
+        raise MergeError(f"strategy '{name}' works on deltas and needs a base model (tensor '{ctx.name}'); "
+                         "pass --base or run the base stage")
+    return base.to(ctx.dtype)
+
+
+def _topk_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Mask keeping the ceil(density * numel) entries of largest |tau| (ties broken by position)."""
+    k = int(math.ceil(density * tau.numel()))
+    if k >= tau.numel():
+        return torch.ones_like(tau, dtype=torch.bool)
+    mask = torch.zeros(tau.numel(), dtype=torch.bool)
+    if k > 0:
+        idx = torch.topk(tau.abs().reshape(-1), k, sorted=False).indices
+        mask[idx] = True
+    return mask.reshape(tau.shape)
+
+
+def _sign_elect_mean(taus: Sequence[torch.Tensor], w: Sequence[float]) -> torch.Tensor:
+    """TIES election and disjoint mean.
+
+    gamma = sign(sum_i w_i tau_i);  tau = sum_i w_i tau_i [sign tau_i = gamma] / sum_i w_i [sign tau_i = gamma]
+    (0 where no client agrees, or where gamma = 0).
+    """
+    gamma = torch.sign(weighted_sum(taus, w, taus[0].dtype))
+    num = torch.zeros_like(taus[0])
+    den = torch.zeros_like(taus[0])
+    for tau, wi in zip(taus, w):
+        agree = (torch.sign(tau) == gamma) & (gamma != 0)
+        num.add_(torch.where(agree, tau, 0.0), alpha=wi)
+        den.add_(agree.to(den.dtype), alpha=wi)
+    return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
+
+
+class Strategy:
+    """One merge method. Subclasses set ``name`` and implement ``merge``."""
+
+    name: ClassVar[str] = ""
+    needs_base: ClassVar[bool] = False
+    uses_weights: ClassVar[bool] = True
+
+    def merge(self, xs: Sequence[torch.Tensor], w: Sequence[float], base: torch.Tensor | None,
+              ctx: TensorContext) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {k: v for k, v in vars(self).items()}
+
+
+@dataclass(frozen=True)
+class WeightedMean(Strategy):
+    """Weighted mean: x = sum_i w_i x_i with sum_i w_i = 1.
+
+    ``uniform`` uses w_i = 1/N; ``mean`` uses ``weights`` or ``preset`` (else uniform); ``fedavg`` uses
+    w_i = n_i / sum_j n_j with n_i the client's training sample count (McMahan et al. 2017).
+    """
+
+    name: ClassVar[str] = "mean"
+
+    def merge(self, xs, w, base, ctx):
+        return weighted_sum(xs, w, ctx.dtype)
+
+
+@dataclass(frozen=True)
+class TaskArithmetic(Strategy):
+    """Task arithmetic (Ilharco et al. 2023): x = b + lambda * sum_i w_i tau_i, tau_i = x_i - b.
+
+    With normalised weights and lambda = 1 this equals the weighted mean; lambda = N adds the full task vectors.
+    """
+
+    name: ClassVar[str] = "task_arithmetic"
+    needs_base: ClassVar[bool] = True
+    lambda_: float = 1.0
+
+    def merge(self, xs, w, base, ctx):
+        b = _require_base(self.name, base, ctx)
+        tau = weighted_sum([x.to(ctx.dtype) - b for x in xs], w, ctx.dtype)
+        return b + self.lambda_ * tau
+
+
+@dataclass(frozen=True)
+class Ties(Strategy):
+    """TIES-merging (Yadav et al. 2023).
+
+    1. trim: keep the top ``density`` fraction of each tau_i by magnitude, zero the rest;
+    2. elect: gamma = sign(sum_i w_i tau_i);
+    3. disjoint mean: tau = sum_i w_i tau_i [sign tau_i = gamma] / sum_i w_i [sign tau_i = gamma];
+    x = b + lambda * tau.
+    """
+
+    name: ClassVar[str] = "ties"
+    needs_base: ClassVar[bool] = True
+    density: float = 0.5
+    lambda_: float = 1.0
+
+    def merge(self, xs, w, base, ctx):
+        b = _require_base(self.name, base, ctx)
+        taus = []
+        for x in xs:
+            tau = x.to(ctx.dtype) - b
+            taus.append(torch.where(_topk_mask(tau, self.density), tau, 0.0))
+        return b + self.lambda_ * _sign_elect_mean(taus, w)
+
+
+def _dare(tau: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tensor:
+    """DARE drop-and-rescale: m ~ Bernoulli(density) per entry; tau' = m * tau / density."""
+    if density >= 1.0:
+        return tau
+    keep = torch.rand(tau.shape, generator=gen, dtype=torch.float32) < density
+    return torch.where(keep, tau / density, 0.0)
+
+
+@dataclass(frozen=True)
+class DareLinear(Strategy):
+    """DARE (Yu et al. 2024) with a linear merge: tau_i' = m_i * tau_i / density, m_i ~ Bernoulli(density);
+    x = b + lambda * sum_i w_i tau_i'. The masks are seeded per (seed, tensor, client)."""
+
+    name: ClassVar[str] = "dare_linear"
+    needs_base: ClassVar[bool] = True
+    density: float = 0.5
+    lambda_: float = 1.0
+
+    def merge(self, xs, w, base, ctx):
+        b = _require_base(self.name, base, ctx)
+        taus = [_dare(x.to(ctx.dtype) - b, self.density, ctx.generator(i)) for i, x in enumerate(xs)]
+        return b + self.lambda_ * weighted_sum(taus, w, ctx.dtype)
+
+
+@dataclass(frozen=True)
+class DareTies(Strategy):
+    """DARE drop-and-rescale, then TIES sign election and disjoint mean:
+    tau_i' = m_i * tau_i / density; gamma = sign(sum_i w_i tau_i');
+    x = b + lambda * sum_i w_i tau_i' [sign = gamma] / sum_i w_i [sign = gamma]."""
+
+    name: ClassVar[str] = "dare_ties"
+    needs_base: ClassVar[bool] = True
+    density: float = 0.5
+    lambda_: float = 1.0
+
+    def merge(self, xs, w, base, ctx):
+        b = _require_base(self.name, base, ctx)
+        taus = [_dare(x.to(ctx.dtype) - b, self.density, ctx.generator(i)) for i, x in enumerate(xs)]
+        return b + self.lambda_ * _sign_elect_mean(taus, w)
+
+
+@dataclass(frozen=True)
+class Median(Strategy):
+    """Coordinate-wise median (FedMedian, Yin et al. 2018): x[k] = median_i x_i[k];
+    for even N the mean of the two middle values. Weights only select clients (w_i > 0); they do not weigh."""
+
+    name: ClassVar[str] = "median"
+    uses_weights: ClassVar[bool] = False
+
+    def merge(self, xs, w, base, ctx):
+        stacked = torch.stack([x.to(ctx.dtype) for x in xs])
+        n = stacked.shape[0]
+        s = torch.sort(stacked, dim=0).values
+        if n % 2:
+            return s[n // 2].clone()
+        return (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+@dataclass(frozen=True)
+class TrimmedMean(Strategy):
+    """Coordinate-wise trimmed mean (FedTrimmedAvg, Yin et al. 2018): with k = floor(beta * N), sort the N values
+    of each coordinate, drop the k smallest and k largest, and average the remaining N - 2k (unweighted)."""
+
+    name: ClassVar[str] = "trimmed_mean"
+    uses_weights: ClassVar[bool] = False
+    beta: float = 0.25
+
+    def trim_count(self, n: int) -> int:
+        k = int(math.floor(self.beta * n))
+        if n - 2 * k < 1:
+            raise MergeError(f"aggregation.beta={self.beta} trims {k} from each end of {n} clients, leaving none; "
+                             "lower beta or add clients")
+        return k
+
+    def merge(self, xs, w, base, ctx):
+        stacked = torch.stack([x.to(ctx.dtype) for x in xs])
+        n = stacked.shape[0]
+        k = self.trim_count(n)
+        s = torch.sort(stacked, dim=0).values
+        return s[k:n - k].mean(dim=0)
+
+
+@dataclass(frozen=True)
+class Krum(Strategy):
+    """Krum (Blanchard et al. 2017). With d_ij = ||x_i - x_j||^2 over the whole model, the score of client i is
+    the sum of its n - f - 2 smallest d_ij (j != i); Krum keeps the client with the lowest score. Needs n > 2f + 2.
+    Multi-Krum keeps the m lowest-scoring clients (default m = n - f) and takes their weighted mean.
+    The engine computes d in a first streaming pass, calls ``select``, then merges the selected clients."""
+
+    name: ClassVar[str] = "krum"
+    f: int = 1
+    m: int | None = 1
+
+    def scores(self, dist2: np.ndarray) -> np.ndarray:
+        n = dist2.shape[0]
+        if n <= 2 * self.f + 2:
+            raise MergeError(f"{self.name} with f={self.f} needs more than 2f + 2 = {2 * self.f + 2} clients, "
+                             f"got {n}; lower aggregation.f or add clients")
+        k = n - self.f - 2
+        out = np.empty(n)
+        for i in range(n):
+            others = np.sort(np.delete(dist2[i], i))
+            out[i] = others[:k].sum()
+        return out
+
+    def select(self, dist2: np.ndarray) -> list[int]:
+        """Indices of the kept clients, lowest score first (ties broken by index)."""
+        n = dist2.shape[0]
+        scores = self.scores(dist2)
+        m = self.m if self.m is not None else n - self.f
+        if not 1 <= m <= n:
+            raise MergeError(f"aggregation.m={m} must be between 1 and the number of clients ({n})")
+        order = sorted(range(n), key=lambda i: (scores[i], i))
+        return order[:m]
+
+    def merge(self, xs, w, base, ctx):
+        return weighted_sum(xs, w, ctx.dtype)
+
+
+STRATEGIES = ("mean", "uniform", "fedavg", "task_arithmetic", "ties", "dare_linear", "dare_ties",
+              "median", "trimmed_mean", "krum", "multi_krum")
+
+
+def make_strategy(name: str, *, density: float = 0.5, lambda_: float = 1.0, beta: float = 0.25, f: int = 1,
+                  m: int | None = None) -> Strategy:
+    """Build a strategy by its params name."""
+    if name in ("mean", "uniform", "fedavg"):
+        return WeightedMean()
+    if name == "task_arithmetic":
+        return TaskArithmetic(lambda_=lambda_)
+    if name == "ties":
+        return Ties(density=density, lambda_=lambda_)
+    if name == "dare_linear":
+        return DareLinear(density=density, lambda_=lambda_)
+    if name == "dare_ties":
+        return DareTies(density=density, lambda_=lambda_)
+    if name == "median":
+        return Median()
+    if name == "trimmed_mean":
+        return TrimmedMean(beta=beta)
+    if name == "krum":
+        return Krum(f=f, m=1)
+    if name == "multi_krum":
+        return Krum(f=f, m=m)
+    raise MergeError(f"aggregation.strategy: unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")

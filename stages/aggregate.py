@@ -1,0 +1,42 @@
+"""Merge the client models (or external checkpoints) into models/aggregated and write metrics/aggregate.json.
+
+Mirrors the seed's average_runner.py:
+    python stages/aggregate.py --checkpoints a.pt b.pt --weights 0.5 0.5 --out DIR [--strategy S ...]
+Without flags it reads everything from params.yaml (the DVC stage).
+"""
+
+import argparse
+import logging
+
+from fedwhisper.merge import run_aggregate_stage
+from fedwhisper.merge.strategies import STRATEGIES
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml", help="params file (defaults are used when it is absent)")
+    ap.add_argument("--checkpoints", nargs="+", help="inputs: HF dirs, .safetensors or .pt (overrides params)")
+    ap.add_argument("--names", nargs="+", help="client names for --checkpoints (default: file stems)")
+    ap.add_argument("--weights", nargs="+", type=float, help="non-negative weights, one per checkpoint")
+    ap.add_argument("--preset", help="one of the seed's ten named weightings")
+    ap.add_argument("--strategy", choices=STRATEGIES)
+    ap.add_argument("--base", default="models/base", help="base model dir (delta strategies, config, tokenizer)")
+    ap.add_argument("--out", "--save_dir", dest="out", default="models/aggregated", help="output model dir")
+    ap.add_argument("--metrics", default="metrics/aggregate.json", help="metrics JSON path")
+    ap.add_argument("--density", type=float)
+    ap.add_argument("--lambda", dest="lambda_", type=float)
+    ap.add_argument("--beta", type=float)
+    ap.add_argument("--f", type=int)
+    ap.add_argument("--m", type=int)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--out-dtype", dest="out_dtype", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--accumulate-dtype", dest="accumulate_dtype", choices=["float32", "float64"])
+    ap.add_argument("--export-openai", dest="export_openai", action="store_true", default=None,
+                    help="also write an openai-whisper model.pt into the output dir")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    run_aggregate_stage(**{("params_path" if k == "params" else k): v for k, v in vars(args).items()})
+
+
+if __name__ == "__main__":
+    main()
