@@ -145,7 +145,14 @@ class AggregationParams:
     ] = p("mean", "Merge strategy. `mean` uses `weights` (or `preset`), else uniform.")
     preset: Optional[str] = p(None, "One of the seed's ten named weightings (see README); excludes `weights`.")
     weights: Optional[list[float]] = p(None, "Non-negative per-client weights, normalised; null = uniform.")
-    checkpoints: Optional[list[str]] = p(None, "External mode: merge these files/dirs instead of the finetune outputs.")
+    source: str = p(
+        "models/clients", "Folder the inputs come from (the aggregate stage's DVC dependency). `models/clients` = "
+        "the finetune outputs, one per client; external mode: your partners' checkpoints folder, e.g. `checkpoints`."
+    )
+    checkpoints: Optional[list[str]] = p(
+        None, "Explicit inputs (HF dirs, `.safetensors`, `.pt`); null = `source/<client>` per client, or every "
+        "checkpoint in an external `source` folder (sorted by name)."
+    )
     density: float = p(0.5, "Fraction of delta entries kept (ties, dare_*).", gt=0.0, max=1.0)
     lambda_: float = p(1.0, "Scale of the merged task vector (task_arithmetic, ties, dare_*).", min=0.0)
     beta: float = p(0.25, "Fraction trimmed from each end (trimmed_mean).", min=0.0, max=0.49)
