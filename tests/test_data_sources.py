@@ -252,3 +252,14 @@ def test_subsample_seeded_sorted():
     assert a == subsample(idx, ids, 5, 0, "c", "train") and len(a) == 5 and a == sorted(a)
     assert subsample(idx, ids, 5, 0, "c", "test") != a or subsample(idx, ids, 5, 1, "c", "train") != a
     assert subsample(idx, ids, None, 0, "c", "train") == list(range(30))
+
+
+def test_item_problems_are_reported(tmp_path):
+    (tmp_path / "a.flac").write_bytes(flac_bytes())
+    (tmp_path / "a.json").write_text("{not json")
+    (item,) = open_source(data_params(source="local", path=str(tmp_path), metadata=None)).iter_split("")
+    assert item.text is None and "a.json: invalid JSON" in item.problem
+    write_shard(tmp_path / "s.tar", [("k1", {"json": b'{"text": "t"}', "txt": b"x"})])
+    (item,) = open_source(data_params(source="webdataset", path=str(tmp_path / "s.tar"))).iter_split("")
+    assert item.audio is None and item.text == "t"
+    assert item.problem == "no audio member 'audio' (members: json, txt)"

@@ -190,7 +190,10 @@ def _check(
     seen_ids.add(item.id)
     text = item.text
     if text is None:
-        return drop("missing_transcript", f"no transcript (sidecar .txt/.json or column {params.data.columns.text!r})")
+        return drop(
+            "missing_transcript",
+            item.problem or f"no transcript (sidecar .txt/.json or column {params.data.columns.text!r})",
+        )
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
@@ -208,7 +211,7 @@ def _check(
         return drop("too_many_tokens", f"{n_tokens} label tokens > prepare.max_label_tokens {prep.max_label_tokens}")
     try:
         if item.audio is None:
-            raise DataError(f"no audio (column {params.data.columns.audio!r})")
+            raise DataError(item.problem or f"no audio (column {params.data.columns.audio!r})")
         if isinstance(item.audio, tuple):
             audio = to_16k_mono(*item.audio)
         else:

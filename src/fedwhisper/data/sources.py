@@ -33,6 +33,7 @@ class RawItem:
     extra: dict[str, Any] = field(default_factory=dict)
     split: str | None = None
     origin: str = ""
+    problem: str = ""  # why the source could not supply audio or transcript, for the drop report
 
 
 class Source(Protocol):
@@ -136,6 +137,7 @@ class LocalFolderSource:
         row = metadata.get(rel, {})
         stem = path.with_suffix("")
         text: Any = None
+        problem = ""
         if stem.with_suffix(".txt").is_file():
             raw = stem.with_suffix(".txt").read_bytes()
             try:
@@ -143,14 +145,15 @@ class LocalFolderSource:
             except UnicodeDecodeError:
                 text = raw
         elif stem.with_suffix(".json").is_file():
-            text = _text_from(_json_text(stem.with_suffix(".json").read_bytes(), str(stem) + ".json"),
-                              self.data.columns.text)
+            parsed = _json_text(stem.with_suffix(".json").read_bytes(), str(stem) + ".json")
+            text = _text_from(parsed, self.data.columns.text)
+            problem = parsed.message if isinstance(parsed, _BadJson) else ""
         else:
             text = lookup(row, self.data.columns.text, None)
         item_id = lookup(row, self.data.columns.id, None) if self.data.columns.id else None
         if item_id is None:
             item_id = Path(rel).with_suffix("").as_posix()
-        return RawItem(str(item_id), path, text, dict(row), split or None, str(path))
+        return RawItem(str(item_id), path, text, dict(row), split or None, str(path), problem)
 
     def _read_metadata(self, path: Path) -> dict[str, dict]:
         if not path.is_file():
@@ -184,22 +187,21 @@ def _undecoded(ds: Any) -> Any:
     return ds
 
 
-def _hf_audio(value: Any, origin: str) -> AudioRef | None:
-    if value is None:
-        return None
+def _hf_audio(value: Any) -> tuple[AudioRef | None, str]:
+    """(audio, problem) from an undecoded Audio value, raw bytes, a path, or an {array, sampling_rate} dict."""
     if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
+        return bytes(value), ""
     if isinstance(value, str):
-        return Path(value)
+        return Path(value), ""
     if isinstance(value, dict):
         if value.get("bytes"):
-            return bytes(value["bytes"])
+            return bytes(value["bytes"]), ""
         if value.get("array") is not None:
-            return np.asarray(value["array"], dtype=np.float32), int(value.get("sampling_rate") or 16000)
+            return (np.asarray(value["array"], dtype=np.float32), int(value.get("sampling_rate") or 16000)), ""
         if value.get("path"):
-            return Path(value["path"])
-        return None
-    raise DataError(f"{origin}: audio value of type {type(value).__name__} is not bytes, a path or an audio dict")
+            return Path(value["path"]), ""
+        return None, "audio value has neither bytes, array nor path"
+    return None, f"audio value is {type(value).__name__}, not bytes, a path or an audio dict"
 
 
 def _hf_items(rows: Iterator[dict], split: str, data: DataParams, where: str) -> Iterator[RawItem]:
@@ -216,14 +218,9 @@ def _hf_items(rows: Iterator[dict], split: str, data: DataParams, where: str) ->
             text = str(text)
         item_id = lookup(row, cols.id, None) if cols.id else None
         extra = {k: v for k, v in row.items() if k != cols.audio.split(".")[0]}
-        yield RawItem(
-            str(item_id) if item_id is not None else f"{split}/{i:07d}",
-            _hf_audio(None if audio_value is MISSING else audio_value, origin),
-            text,
-            extra,
-            split or None,
-            origin,
-        )
+        audio, problem = _hf_audio(None if audio_value is MISSING else audio_value)
+        item_id = str(item_id) if item_id is not None else f"{split}/{i:07d}"
+        yield RawItem(item_id, audio, text, extra, split or None, origin, problem)
 
 
 class HFHubSource:
@@ -329,9 +326,13 @@ class WebDatasetSource:
         if text is not None and not isinstance(text, (str, bytes)):
             text = str(text)
         item_id = lookup(flat, cols.id, None) if cols.id else None
-        extra = {k: v for k, v in flat.items() if not isinstance(v, bytes)}
+        extra = {k: v for k, v in flat.items() if not isinstance(v, (bytes, _BadJson))}
         item_id = str(item_id) if item_id is not None else (f"{split}/{key}" if split else key)
-        return RawItem(item_id, audio if isinstance(audio, bytes) else None, text, extra, split or None, origin)
+        problems = [parsed.message] if isinstance(parsed, _BadJson) else []
+        if not isinstance(audio, bytes):
+            audio = None
+            problems.append(f"no audio member {cols.audio!r} (members: {', '.join(sorted(members))})")
+        return RawItem(item_id, audio, text, extra, split or None, origin, "; ".join(problems))
 
 
 def _tar_samples(shard: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
