@@ -263,3 +263,11 @@ def test_item_problems_are_reported(tmp_path):
     (item,) = open_source(data_params(source="webdataset", path=str(tmp_path / "s.tar"))).iter_split("")
     assert item.audio is None and item.text == "t"
     assert item.problem == "no audio member 'audio' (members: json, txt)"
+
+
+def test_hub_id_unreachable_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match=r"data.path: cannot stream dataset 'i4ds/spc_r' \(config None\)"):
+        open_source(data_params(source="hf", path="i4ds/spc_r"))
