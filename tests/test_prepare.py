@@ -138,9 +138,9 @@ def test_prepared_format_and_readers(tmp_path):
     assert table.schema == SCHEMA
     ids = table.column("id").to_pylist()
     assert ids == sorted(ids) and len(ids) == 3
-    ds = load_split(out, "a", "train").with_format("numpy")
+    ds = load_split(out, "a", "train")
     row = ds[0]
-    assert row["audio"].dtype == np.float32 and row["client"] == "a"
+    assert row["audio"].dtype == np.float32 and row["client"] == "a" and isinstance(row["id"], str)
     assert len(row["audio"]) == round(row["duration_s"] * 16000)
     assert row["text"] == "a says " + row["id"][-1]
     first_id, first_text, first_audio = next(iter_split_arrays(out, "a", "train"))
@@ -148,6 +148,7 @@ def test_prepared_format_and_readers(tmp_path):
     np.testing.assert_array_equal(first_audio, row["audio"])
     pooled = load_test_pooled(out)
     assert len(pooled) == 8 and set(pooled["client"]) == {"a", "b"}
+    assert pooled[7]["audio"].dtype == np.float32 and pooled[7]["client"] == "b"
     with pytest.raises(DataError, match="no prepared train split for client 'zz'"):
         load_split(out, "zz", "train")
     with pytest.raises(DataError, match="prepared data not found"):

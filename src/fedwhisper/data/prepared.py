@@ -97,7 +97,10 @@ def list_clients(root: str | Path) -> list[str]:
 
 
 def load_split(root: str | Path, client: str, split: str) -> datasets.Dataset:
-    """One client's split as a memory-mapped ``datasets.Dataset`` (columns id, client, text, audio, duration_s)."""
+    """One client's split as a memory-mapped ``datasets.Dataset`` (columns id, client, text, audio, duration_s).
+
+    ``audio`` comes out as a float32 numpy array (16 kHz mono), the other columns as Python values.
+    """
     if split not in SPLITS:
         raise DataError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     path = split_path(root, client, split)
@@ -114,7 +117,11 @@ def load_split(root: str | Path, client: str, split: str) -> datasets.Dataset:
         raise DataError(f"{path}: not a readable Arrow stream ({exc}); re-run the prepare stage") from None
     if ds.data.schema.remove_metadata() != SCHEMA:
         raise DataError(f"{path}: columns {ds.column_names} do not match the prepared format; re-run the prepare stage")
-    return ds
+    return _audio_as_numpy(ds)
+
+
+def _audio_as_numpy(ds: datasets.Dataset) -> datasets.Dataset:
+    return ds.with_format("numpy", columns=["audio"], output_all_columns=True)
 
 
 def load_test_pooled(root: str | Path) -> datasets.Dataset:
@@ -122,7 +129,7 @@ def load_test_pooled(root: str | Path) -> datasets.Dataset:
     parts = [load_split(root, c, "test") for c in list_clients(root)]
     if not parts:
         raise DataError(f"{root}: manifest lists no clients; re-run the prepare stage")
-    return datasets.concatenate_datasets(parts)
+    return _audio_as_numpy(datasets.concatenate_datasets([p.with_format(None) for p in parts]))
 
 
 def iter_split_arrays(root: str | Path, client: str, split: str) -> Iterator[tuple[str, str, np.ndarray]]:
