@@ -142,7 +142,9 @@ def assign_splits(
     return out
 
 
-def subsample(indices: Sequence[int], ids: Sequence[str], k: int | None, seed: int, client: str, split: str) -> list[int]:
+def subsample(
+    indices: Sequence[int], ids: Sequence[str], k: int | None, seed: int, client: str, split: str
+) -> list[int]:
     """At most k of ``indices`` (seeded per client and split), sorted by id."""
     ordered = sorted(indices, key=lambda i: ids[i])
     if k is None or len(ordered) <= k:

@@ -83,7 +83,9 @@ def read_manifest(root: str | Path) -> dict:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise DataError(f"{path}: prepared data not found; run `dvc repro prepare` (or python stages/prepare.py)") from None
+        raise DataError(
+            f"{path}: prepared data not found; run `dvc repro prepare` (or python stages/prepare.py)"
+        ) from None
     except (OSError, json.JSONDecodeError) as exc:
         raise DataError(f"{path}: unreadable manifest ({exc}); delete {root} and re-run the prepare stage") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("clients"), list):
