@@ -49,7 +49,7 @@ def test_local_folder_splits_sidecars_metadata(tmp_path):
     (tmp_path / "metadata.csv").write_text("file_name,accent\ntrain/u1.flac,en-us\ntrain/u2.wav,en-029\n")
     source = open_source(data_params(source="local", path=str(tmp_path)))
     items = read_all(source)
-    assert sorted(items) == ["test", "train"]
+    assert sorted(items) == ["test", "train"] and (source.count("train"), source.count("test")) == (2, 1)
     u1, u2 = items["train"]
     assert (u1.id, u1.text, u1.extra["accent"], u1.split) == ("train/u1", "hello there\n", "en-us", "train")
     assert (u2.id, u2.text, u2.extra["accent"]) == ("train/u2", "from json", "en-029")
@@ -125,6 +125,7 @@ def test_hf_save_to_disk(tmp_path):
         data_params(source="hf_disk", path=str(tmp_path / "ds"), columns={"audio": "flac"}, max_items=1)
     )
     assert len(list(limited.iter_split("train"))) == 1
+    assert (limited.count("train"), source.count("train"), source.count("test")) == (1, 3, 2)
 
 
 def test_hf_missing_audio_column(tmp_path):

@@ -148,8 +148,10 @@ def _read_and_filter(
     drops: list[Drop] = []
     seen_ids: set[str] = set()
     seen = 0
+    counts = [source.count(theirs) for theirs, _ in to_read]
+    total = None if None in counts else sum(counts)
     with pa.OSFile(str(pool_path), "wb") as sink, pa.ipc.new_stream(sink, _POOL_SCHEMA) as pool, tqdm(
-        desc="prepare", unit="item"
+        desc="prepare", unit="item", total=total
     ) as bar:
         for theirs, ours in to_read:
             for item in source.iter_split(theirs):

@@ -43,6 +43,9 @@ class Source(Protocol):
     def iter_split(self, split: str) -> Iterator[RawItem]:
         """Raw items of one split, in a stable order."""
 
+    def count(self, split: str) -> int | None:
+        """Items in the split (after ``max_items``) when known without reading it, for progress bars."""
+
 
 def lookup(record: Any, dotted: str | None, default: Any = MISSING) -> Any:
     """``record['a']['b']`` for ``'a.b'``; an exact key containing dots wins over nesting."""
@@ -66,6 +69,10 @@ def open_source(data: DataParams, max_items: int | None = None) -> Source:
     if data.source == "hf_disk":
         return HFDiskSource(Path(data.path), data, limit)
     return WebDatasetSource(data.path, data, limit)
+
+
+def _capped(n: int, limit: int | None) -> int:
+    return n if limit is None else min(n, limit)
 
 
 def _limited(items: Iterator[RawItem], limit: int | None) -> Iterator[RawItem]:
@@ -125,6 +132,9 @@ class LocalFolderSource:
             for name, row in self._read_metadata(folder / self.data.metadata).items():
                 metadata[f"{split}/{name}"] = row
         return _limited((self._item(p, split, metadata) for p in self._audio_files(folder)), self.limit)
+
+    def count(self, split: str) -> int | None:
+        return _capped(sum(1 for _ in self._audio_files(self.root / split if split else self.root)), self.limit)
 
     @staticmethod
     def _audio_files(folder: Path) -> Iterator[Path]:
@@ -245,6 +255,11 @@ class HFHubSource:
         ds = _undecoded(self.ds[split])
         return _limited(_hf_items(iter(ds), split, self.data, self.path), self.limit)
 
+    def count(self, split: str) -> int | None:
+        info = getattr(self.ds[split], "info", None)
+        known = info.splits.get(split) if info is not None and info.splits else None
+        return _capped(known.num_examples, self.limit) if known is not None and known.num_examples else None
+
 
 class HFDiskSource:
     """A ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` directory."""
@@ -266,6 +281,9 @@ class HFDiskSource:
         ds = _undecoded(self.ds[split])
         rows = (ds[i] for i in range(len(ds)))
         return _limited(_hf_items(rows, split, self.data, str(self.path)), self.limit)
+
+    def count(self, split: str) -> int | None:
+        return _capped(len(self.ds[split]), self.limit)
 
 
 # --------------------------------------------------------------------------- webdataset
@@ -294,6 +312,9 @@ class WebDatasetSource:
 
     def iter_split(self, split: str) -> Iterator[RawItem]:
         return _limited(self._items(split), self.limit)
+
+    def count(self, split: str) -> int | None:
+        return None
 
     def _items(self, split: str) -> Iterator[RawItem]:
         for shard in self.shards[split]:
