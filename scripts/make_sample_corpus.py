@@ -338,7 +338,7 @@ def check_voices(accents: tuple[str, ...]) -> None:
 
 def espeak_version() -> str:
     banner = subprocess.run(["espeak-ng", "--version"], capture_output=True, text=True, check=True).stdout
-    return banner.split("Data at")[0].strip()
+    return f"{banner.split('Data at')[0].strip()} and libsndfile {sf.__libsndfile_version__}"
 
 
 def choose_encoding(rng: np.random.Generator) -> Encoding:
@@ -489,7 +489,8 @@ Made by `scripts/make_sample_corpus.py` with {version}:
 - `train/` and `test/`: audio files `<accent>_<split>_<nnn>.<flac|wav|mp3|ogg>`, each with one sidecar of the same
   stem, either `<id>.txt` (plain transcript) or `<id>.json` (`{{"text": ...}}`).
 - Per accent: {train_n} train utterances drawn (seeded) from a pool of {train_pool} sentences, and the same {test_n}
-  test sentences, which no train utterance uses, so per-accent WER is comparable. {distinct} distinct sentences.
+  test sentences, which no train utterance uses, so per-accent WER is comparable. {spoken} distinct sentences are
+  spoken ({pool} in the pools).
 - Speaking rate {rate_lo}-{rate_hi} wpm and pitch {pitch_lo}-{pitch_hi} vary per utterance. Formats: MP3 and Ogg
   Vorbis at 16 kHz mono; FLAC and WAV mostly 16 kHz mono 16-bit, some at 22.05 or 44.1 kHz, 8 or 24 bit, or stereo.
 - `metadata.csv`: Hugging Face audiofolder columns `file_name`, `accent`, `split`, `speaking_rate`, `pitch`,
@@ -503,7 +504,7 @@ sentences were written for this project; the corpus is released under CC0-1.0.
 """
 
 
-def write_readme(root: Path, seed: int, version: str) -> None:
+def write_readme(root: Path, seed: int, version: str, spoken: int) -> None:
     text = README_TEMPLATE.format(
         accents=", ".join(f"`{a}`" for a in ACCENTS),
         version=version,
@@ -511,7 +512,8 @@ def write_readme(root: Path, seed: int, version: str) -> None:
         train_n=TRAIN_PER_ACCENT,
         train_pool=len(TRAIN_SENTENCES),
         test_n=len(TEST_SENTENCES),
-        distinct=len(TRAIN_SENTENCES) + len(TEST_SENTENCES),
+        spoken=spoken,
+        pool=len(TRAIN_SENTENCES) + len(TEST_SENTENCES),
         rate_lo=RATE_WPM[0],
         rate_hi=RATE_WPM[1],
         pitch_lo=PITCH[0],
@@ -530,7 +532,7 @@ def build_corpus(root: Path, seed: int) -> list[dict]:
         if (n + 1) % 50 == 0:
             print(f"  {n + 1}/{len(plan)} utterances", file=sys.stderr)
     write_metadata(root, rows)
-    write_readme(root, seed, espeak_version())
+    write_readme(root, seed, espeak_version(), spoken=len({utt.text for utt in plan}))
     return rows
 
 
