@@ -88,7 +88,7 @@ class WhisperCollator:
     num_mel_bins: int = 80
 
     def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
-        audio = [np.asarray(r["audio"], dtype=np.float32) for r in rows]
+        audio = [np.array(r["audio"], dtype=np.float32) for r in rows]  # a copy: memory-mapped rows are read-only
         labels = [label_ids(self.tokenizer, str(r["text"]), self.prefix, self.eot_id) for r in rows]
         labels = strip_decoder_start(labels, self.decoder_start_token_id)
         return {"input_features": log_mel_batch(audio, self.num_mel_bins), "labels": pad_labels(labels)}

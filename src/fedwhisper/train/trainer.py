@@ -1,0 +1,483 @@
+"""Fine-tune one client: HF ``Seq2SeqTrainer`` on the client's train split, generated-text WER on its validation split.
+
+Read top to bottom: ``run_finetune`` loads the base model and data, builds the trainer (``build_trainer``), resumes
+from the client's last checkpoint when the run's fingerprint matches, trains, evaluates, and writes
+``models/clients/<client>/`` (canonical HF dir + ``training_summary.json``) and ``metrics/finetune/<client>.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+
+from fedwhisper.errors import CheckpointError, DataError, ParamsError
+from fedwhisper.params import FinetuneParams, to_dict
+from fedwhisper.train.collator import IGNORE_INDEX, WhisperCollator, label_ids, label_prefix, strip_decoder_start
+
+log = logging.getLogger(__name__)
+
+SUMMARY_NAME = "training_summary.json"
+FINGERPRINT_NAME = "fingerprint.json"
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+# Seq2SeqTrainingArguments fields that a named finetune param sets; finetune.trainer may not set them.
+CONTROLLED_ARGS = {
+    "output_dir": "the stage's --checkpoints path",
+    "learning_rate": "finetune.learning_rate",
+    "num_train_epochs": "finetune.epochs",
+    "max_steps": "finetune.max_steps",
+    "per_device_train_batch_size": "finetune.batch_size",
+    "gradient_accumulation_steps": "finetune.grad_accum",
+    "warmup_steps": "finetune.warmup_steps",
+    "weight_decay": "finetune.weight_decay",
+    "lr_scheduler_type": "finetune.scheduler",
+    "seed": "finetune.seed",
+    "data_seed": "finetune.seed",
+    "bf16": "finetune.precision",
+    "fp16": "finetune.precision",
+    "use_cpu": "finetune.precision (and the device)",
+    "gradient_checkpointing": "finetune.gradient_checkpointing",
+    "activation_checkpointing": "finetune.gradient_checkpointing",
+    "eval_strategy": "finetune.eval_steps",
+    "eval_steps": "finetune.eval_steps",
+    "save_strategy": "finetune.save_steps",
+    "save_steps": "finetune.save_steps",
+    "save_total_limit": "finetune.save_total_limit",
+    "report_to": "finetune.wandb (DVCLive is always on)",
+    "predict_with_generate": "nothing: validation WER is always computed from generated text",
+    "remove_unused_columns": "nothing: the collator needs the audio and text columns",
+    "resume_from_checkpoint": "nothing: resuming is automatic",
+}
+# Params that do not change the training trajectory, so changing them keeps the checkpoints.
+_NOT_IN_FINGERPRINT = ("eval_steps", "eval_max_items", "save_steps", "save_total_limit", "launcher", "wandb")
+
+
+# --------------------------------------------------------------------------- params checks
+
+
+def check_precision(precision: str, cuda: Optional[bool] = None) -> None:
+    """bf16 needs a CUDA device that supports it; fp16 needs CUDA."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if precision == "fp16" and not cuda:
+        raise ParamsError("finetune.precision: 'fp16' needs a CUDA GPU and torch sees none; set it to fp32 on CPU")
+    if precision == "bf16":
+        if not cuda:
+            raise ParamsError("finetune.precision: 'bf16' needs a CUDA GPU and torch sees none; set it to fp32 on CPU")
+        if not torch.cuda.is_bf16_supported():
+            raise ParamsError(
+                f"finetune.precision: 'bf16' is not supported by {torch.cuda.get_device_name()}; use fp16 or fp32"
+            )
+
+
+def check_trainer_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Validate ``finetune.trainer`` keys against ``Seq2SeqTrainingArguments`` and the named finetune params."""
+    from transformers import Seq2SeqTrainingArguments
+
+    fields = {f.name for f in dataclasses.fields(Seq2SeqTrainingArguments) if f.init}
+    for key in overrides:
+        if key in CONTROLLED_ARGS:
+            raise ParamsError(f"finetune.trainer.{key}: set by {CONTROLLED_ARGS[key]}; remove it from finetune.trainer")
+        if key not in fields:
+            close = difflib.get_close_matches(key, sorted(fields), n=3)
+            raise ParamsError(
+                f"finetune.trainer.{key}: not a Seq2SeqTrainingArguments field"
+                + (f" (did you mean {', '.join(close)}?)" if close else "")
+                + "; see transformers.Seq2SeqTrainingArguments for the allowed keys"
+            )
+    return dict(overrides)
+
+
+def report_to(use_wandb: bool) -> list[str]:
+    """Extra Trainer loggers: W&B only when asked for, installed, and WANDB_API_KEY is set. Never required."""
+    if not use_wandb:
+        return []
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        log.warning("finetune.wandb is true but wandb is not installed; logging to DVCLive only")
+        return []
+    if not os.environ.get("WANDB_API_KEY"):
+        log.warning("finetune.wandb is true but WANDB_API_KEY is not set; logging to DVCLive only")
+        return []
+    return ["wandb"]
+
+
+# --------------------------------------------------------------------------- model and data
+
+
+def load_base(base_dir: Path):
+    """(model, tokenizer, multilingual) from a canonical HF Whisper directory."""
+    from transformers import WhisperForConditionalGeneration, WhisperTokenizerFast
+
+    from fedwhisper.formats.hf import is_hf_whisper_dir, vocab_layout
+
+    if not is_hf_whisper_dir(base_dir):
+        raise CheckpointError(
+            f"{base_dir}: not an HF Whisper directory (config.json + model.safetensors); "
+            "run the base stage first (`dvc repro base` or python stages/base.py)"
+        )
+    try:
+        model = WhisperForConditionalGeneration.from_pretrained(str(base_dir), dtype=torch.float32)
+        tokenizer = WhisperTokenizerFast.from_pretrained(str(base_dir))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{base_dir}: cannot load the Whisper model or tokenizer ({exc})") from None
+    multilingual, _ = vocab_layout(model.config.vocab_size)
+    return model, tokenizer, multilingual
+
+
+def configure_model(model, ft: FinetuneParams, multilingual: bool) -> None:
+    """Encoder freezing, SpecAugment, and the language/task that validation generation uses."""
+    if ft.freeze_encoder:
+        model.freeze_encoder()
+    model.config.apply_spec_augment = ft.spec_augment
+    gen = model.generation_config
+    gen.forced_decoder_ids = None
+    if multilingual:
+        gen.language = ft.language
+        gen.task = ft.task
+
+
+def keep_short_labels(ds, tokenizer, prefix: list[int], eot_id: int, decoder_start: int, max_len: int, where: str):
+    """Drop rows whose label ids (after the start-token strip) exceed ``max_len``; return (dataset, n_dropped)."""
+    lengths = [len(r) for r in strip_decoder_start(
+        [label_ids(tokenizer, t, prefix, eot_id) for t in ds["text"]], decoder_start)]
+    keep = [i for i, n in enumerate(lengths) if n <= max_len]
+    if len(keep) == len(lengths):
+        return ds, 0
+    log.warning("%s: dropped %d of %d items whose labels exceed %d tokens (finetune.max_label_length)",
+                where, len(lengths) - len(keep), len(lengths), max_len)
+    return ds.select(keep, keep_in_memory=True), len(lengths) - len(keep)
+
+
+def as_training_rows(ds):
+    """Audio as numpy (no per-sample Python lists); the other columns as Python values."""
+    return ds.with_format("numpy", columns=["audio"], output_all_columns=True)
+
+
+def wer_metric(tokenizer, normalizer: str) -> Callable:
+    """``compute_metrics`` for generated ids: corpus WER/CER (percent) of decoded text against decoded labels."""
+    from fedwhisper.decode.metrics import score_corpus
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def compute(pred) -> dict[str, float]:
+        hyp_ids = np.where(pred.predictions == IGNORE_INDEX, pad, pred.predictions)
+        ref_ids = np.where(pred.label_ids == IGNORE_INDEX, pad, pred.label_ids)
+        hyps = tokenizer.batch_decode(hyp_ids, skip_special_tokens=True)
+        refs = tokenizer.batch_decode(ref_ids, skip_special_tokens=True)
+        scores = score_corpus(refs, hyps, normalizer)
+        return {"wer": scores["wer"], "cer": scores["cer"]}
+
+    return compute
+
+
+# --------------------------------------------------------------------------- curves
+
+
+class DVCLiveCurves(TrainerCallback):
+    """Training loss, learning rate and validation WER per global step, as DVCLive plots (no dvc.yaml, no exp)."""
+
+    CURVES = {"loss": "train/loss", "learning_rate": "train/learning_rate", "eval_wer": "eval/wer"}
+
+    def __init__(self, live_dir: Path):
+        self.live_dir = Path(live_dir)
+        self.live = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or self.live is not None:
+            return
+        from dvclive import Live
+
+        resume = state.global_step > 0
+        if resume:
+            drop_rows_after(self.live_dir / "plots" / "metrics", state.global_step)
+        self.live = Live(str(self.live_dir), resume=resume, report=None, save_dvc_exp=False, dvcyaml=None)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.live is None or not logs:
+            return
+        for key, name in self.CURVES.items():
+            if key in logs and logs[key] is not None:
+                self.live.step = state.global_step
+                self.live.log_metric(name, float(logs[key]))
+
+    def close(self) -> None:
+        if self.live is not None:
+            self.live.make_summary()
+            self.live = None
+
+
+def drop_rows_after(plots_dir: Path, step: int) -> None:
+    """On resume, forget curve points past the checkpoint's step (they are logged again)."""
+    for tsv in plots_dir.rglob("*.tsv"):
+        lines = tsv.read_text(encoding="utf-8").splitlines(keepends=True)
+        if not lines:
+            continue
+        col = lines[0].rstrip("\n").split("\t").index("step")
+        kept = [lines[0]] + [ln for ln in lines[1:] if int(ln.split("\t")[col]) <= step]
+        tsv.write_text("".join(kept), encoding="utf-8")
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_fingerprint(ft: FinetuneParams, client: str, base_dir: Path, train_file: Optional[Path]) -> dict:
+    """What a checkpoint was trained from; resuming is only allowed when this is unchanged."""
+    from fedwhisper.formats.hf import weight_files
+
+    params = {k: v for k, v in to_dict(ft).items() if k not in _NOT_IN_FINGERPRINT}
+    return {
+        "client": client,
+        "params": params,
+        "base": [file_digest(p) for p in weight_files(base_dir)],
+        "train_data": file_digest(train_file) if train_file is not None and train_file.is_file() else None,
+    }
+
+
+def checkpoints(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of ``checkpoint-N`` dirs, oldest first."""
+    if not checkpoint_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in checkpoint_dir.iterdir() if p.is_dir() and (m := _CHECKPOINT_RE.match(p.name))]
+    return sorted(found)
+
+
+def resume_point(checkpoint_dir: Path, fingerprint: dict) -> Optional[Path]:
+    """The last complete checkpoint of this same run, or None. Checkpoints of a different run are removed."""
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    fp_file = checkpoint_dir / FINGERPRINT_NAME
+    previous = None
+    if fp_file.is_file():
+        try:
+            previous = json.loads(fp_file.read_text(encoding="utf-8"))
+        except ValueError:
+            previous = None
+    found = checkpoints(checkpoint_dir)
+    if found and previous != fingerprint:
+        log.warning("%s: params, base model or data changed since these checkpoints; starting from scratch",
+                    checkpoint_dir)
+        for _, path in found:
+            shutil.rmtree(path)
+        found = []
+    tmp = fp_file.with_name(f"{fp_file.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, fp_file)
+    # trainer_state.json is the last file the Trainer writes into a checkpoint: without it the save was cut short.
+    while found and not (found[-1][1] / "trainer_state.json").is_file():
+        log.warning("%s: incomplete checkpoint (no trainer_state.json), removing it", found[-1][1])
+        shutil.rmtree(found.pop()[1])
+    return found[-1][1] if found else None
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+def training_arguments(ft: FinetuneParams, output_dir: Path, evaluate_every: int, generation_max_length: int):
+    from transformers import Seq2SeqTrainingArguments
+
+    check_precision(ft.precision)
+    cuda = torch.cuda.is_available()
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(output_dir),
+        learning_rate=ft.learning_rate,
+        num_train_epochs=ft.epochs,
+        max_steps=ft.max_steps,
+        per_device_train_batch_size=ft.batch_size,
+        per_device_eval_batch_size=ft.batch_size,
+        gradient_accumulation_steps=ft.grad_accum,
+        warmup_steps=ft.warmup_steps,
+        weight_decay=ft.weight_decay,
+        lr_scheduler_type=ft.scheduler,
+        seed=ft.seed,
+        data_seed=ft.seed,
+        bf16=ft.precision == "bf16",
+        fp16=ft.precision == "fp16",
+        use_cpu=not cuda,
+        activation_checkpointing=ft.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if ft.gradient_checkpointing else None,
+        eval_strategy="steps" if evaluate_every > 0 else "no",
+        eval_steps=evaluate_every if evaluate_every > 0 else None,
+        save_strategy="steps",
+        save_steps=ft.save_steps,
+        save_total_limit=ft.save_total_limit,
+        logging_strategy="steps",
+        logging_steps=1,
+        report_to=report_to(ft.wandb),
+        predict_with_generate=True,
+        generation_max_length=generation_max_length,
+        remove_unused_columns=False,
+        dataloader_pin_memory=cuda,
+    )
+    kwargs.update(check_trainer_overrides(ft.trainer))
+    return Seq2SeqTrainingArguments(**kwargs)
+
+
+def build_trainer(ft: FinetuneParams, model, tokenizer, multilingual: bool, train_ds, eval_ds, output_dir: Path,
+                  callbacks: Sequence = (), normalizer: str = "english"):
+    """A ``Seq2SeqTrainer`` with our collator and generated-text WER; ``train_ds``/``eval_ds`` have audio + text."""
+    from transformers import Seq2SeqTrainer
+
+    configure_model(model, ft, multilingual)
+    prefix = label_prefix(tokenizer, multilingual, ft.language, ft.task)
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    collator = WhisperCollator(tokenizer, prefix, eot, model.config.decoder_start_token_id, model.config.num_mel_bins)
+    gen_max = model.config.max_target_positions
+    if eval_ds is not None and len(eval_ds):
+        longest = max(len(label_ids(tokenizer, t, prefix, eot)) for t in eval_ds["text"])
+        gen_max = min(gen_max, 2 * longest + 8)  # room for a model that over-generates, without 448-token stalls
+    args = training_arguments(ft, output_dir, ft.eval_steps if eval_ds is not None else 0, gen_max)
+    return Seq2SeqTrainer(
+        model=model,
+        args=args,
+        data_collator=collator,
+        train_dataset=as_training_rows(train_ds),
+        eval_dataset=as_training_rows(eval_ds) if eval_ds is not None else None,
+        processing_class=tokenizer,
+        compute_metrics=wer_metric(tokenizer, normalizer) if eval_ds is not None else None,
+        callbacks=list(callbacks),
+    )
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def export_client_model(model, base_dir: Path, out_dir: Path, summary: dict) -> Path:
+    """Canonical HF dir (base config, tokenizer, preprocessor, generation config) + training_summary.json, atomically."""
+    from fedwhisper.formats.hf import load_config, replace_dir, write_whisper_dir
+
+    staging = out_dir.with_name(f"{out_dir.name}.staging-{os.getpid()}")
+    try:
+        write_whisper_dir(model.state_dict(), load_config(base_dir), staging, tokenizer_from=base_dir)
+        write_json_atomic(staging / SUMMARY_NAME, summary)
+        replace_dir(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _last_eval(trainer) -> Optional[dict]:
+    """Metrics of an evaluation already run at the final step (so it is not repeated)."""
+    for entry in reversed(trainer.state.log_history):
+        if "eval_wer" in entry:
+            return entry if entry.get("step") == trainer.state.global_step else None
+    return None
+
+
+def run_finetune(
+    ft: FinetuneParams,
+    client: str,
+    *,
+    base_dir: str | Path = "models/base",
+    data_root: str | Path = "data/prepared",
+    out_root: str | Path = "models/clients",
+    checkpoint_root: str | Path = "models/checkpoints",
+    metrics_root: str | Path = "metrics/finetune",
+    callbacks: Sequence = (),
+) -> dict:
+    """Fine-tune ``base_dir`` on one client's train split; write its model dir, curves and final metrics.
+
+    Returns the final metrics (also in ``<metrics_root>/<client>.json``).
+    """
+    from fedwhisper.data.prepared import load_split, split_path
+
+    base_dir, data_root = Path(base_dir), Path(data_root)
+    out_dir, checkpoint_dir = Path(out_root) / client, Path(checkpoint_root) / client
+    metrics_file, live_dir = Path(metrics_root) / f"{client}.json", Path(metrics_root) / client
+    check_precision(ft.precision)
+    check_trainer_overrides(ft.trainer)
+
+    model, tokenizer, multilingual = load_base(base_dir)
+    prefix = label_prefix(tokenizer, multilingual, ft.language, ft.task)
+    eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    max_len = min(ft.max_label_length, model.config.max_target_positions)
+    start = model.config.decoder_start_token_id
+    train_ds = load_split(data_root, client, "train")
+    if len(train_ds) == 0:
+        raise DataError(f"{split_path(data_root, client, 'train')}: client {client!r} has no training items; "
+                        "check the partitioning in params.yaml (prepare.partition) and re-run prepare")
+    train_ds, dropped = keep_short_labels(train_ds, tokenizer, prefix, eot, start, max_len,
+                                          str(split_path(data_root, client, "train")))
+    if len(train_ds) == 0:
+        raise DataError(f"{split_path(data_root, client, 'train')}: every label is longer than "
+                        f"finetune.max_label_length={ft.max_label_length}; raise it (at most 448)")
+    eval_ds = load_split(data_root, client, "validation")
+    eval_ds = eval_ds.select(range(min(len(eval_ds), ft.eval_max_items)))
+    eval_ds, _ = keep_short_labels(eval_ds, tokenizer, prefix, eot, start, max_len,
+                                   str(split_path(data_root, client, "validation")))
+    if len(eval_ds) == 0:
+        log.warning("%s: no validation items; validation WER is not computed",
+                    split_path(data_root, client, "validation"))
+        eval_ds = None
+    normalizer = "english" if ft.language in (None, "en", "english") or ft.task == "translate" else "basic"
+
+    curves = DVCLiveCurves(live_dir)
+    trainer = build_trainer(ft, model, tokenizer, multilingual, train_ds, eval_ds, checkpoint_dir,
+                            [*callbacks, curves], normalizer)
+    fingerprint = run_fingerprint(ft, client, base_dir, split_path(data_root, client, "train"))
+    with trainer.args.main_process_first(local=False, desc="checkpoint check"):
+        resume = resume_point(checkpoint_dir, fingerprint)
+    resumed_from = int(_CHECKPOINT_RE.match(resume.name).group(1)) if resume else 0
+    if resume:
+        log.info("%s: resuming from %s", client, resume)
+
+    t0 = time.monotonic()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    final_eval = None
+    if eval_ds is not None:
+        final_eval = _last_eval(trainer) or trainer.evaluate()
+    seconds = time.monotonic() - t0
+    curves.close()
+
+    state = trainer.state
+    metrics = {
+        "client": client,
+        "train_samples": len(train_ds),
+        "dropped_long_labels": dropped,
+        "global_step": state.global_step,
+        "epochs": round(float(state.epoch or 0.0), 4),
+        "train_loss": round(float(result.training_loss), 6),
+        "eval_items": len(eval_ds) if eval_ds is not None else 0,
+        "eval_wer": round(final_eval["eval_wer"], 4) if final_eval and final_eval["eval_wer"] is not None else None,
+        "eval_cer": round(final_eval["eval_cer"], 4) if final_eval and final_eval["eval_cer"] is not None else None,
+        "resumed_from_step": resumed_from,
+        "train_seconds": round(seconds, 2),
+    }
+    if trainer.is_world_process_zero():
+        summary = {k: metrics[k] for k in ("client", "train_samples", "global_step", "epochs")}
+        summary.update(base_model=str(base_dir), multilingual=multilingual, params=to_dict(ft))
+        export_client_model(trainer.model, base_dir, out_dir, summary)
+        write_json_atomic(metrics_file, metrics)
+    wer = f"{metrics['eval_wer']:.1f}%" if metrics["eval_wer"] is not None else "n/a"
+    log.info("finetune %s: %d samples, %d steps (%.2f epochs), train loss %.3f, validation WER %s, %.0f s -> %s",
+             client, metrics["train_samples"], metrics["global_step"], metrics["epochs"], metrics["train_loss"],
+             wer, seconds, out_dir)
+    return metrics

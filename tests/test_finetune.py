@@ -1,0 +1,201 @@
+"""Short fine-tuning runs on tiny random Whisper models: outputs, determinism, resume, translate, param checks."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedwhisper.data.prepared import write_manifest, write_split
+from fedwhisper.errors import ParamsError
+from fedwhisper.formats.hf import read_state_dict
+from fedwhisper.params import FinetuneParams
+from fedwhisper.train.launch import launcher_command
+from fedwhisper.train.trainer import check_precision, check_trainer_overrides, resume_point, run_finetune
+
+CLIENT = "c1"
+WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet".split()
+FAST = dict(max_steps=4, batch_size=2, eval_max_items=2, save_steps=2, learning_rate=1e-3, eval_steps=0)
+
+
+def _rows(n: int, seed: int, split: str) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        samples = int(16000 * rng.uniform(0.5, 1.0))
+        t = np.arange(samples) / 16000
+        audio = (0.1 * np.sin(2 * np.pi * (200 + 50 * i) * t) + 0.01 * rng.standard_normal(samples)).astype(np.float32)
+        text = " ".join(rng.choice(WORDS, size=3))
+        rows.append({"id": f"{split}-{i:03d}", "client": CLIENT, "text": text, "audio": audio,
+                     "duration_s": samples / 16000})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("prepared")
+    counts = {}
+    for split, n, seed in [("train", 8, 0), ("validation", 2, 1), ("test", 2, 2)]:
+        counts[split] = write_split(root / CLIENT / f"{split}.arrow", _rows(n, seed, split))
+    write_manifest(root, {CLIENT: counts}, [CLIENT])
+    return root
+
+
+def finetune(tmp: Path, base: Path, data: Path, callbacks=(), **overrides) -> dict:
+    ft = FinetuneParams(**{**FAST, **overrides})
+    return run_finetune(ft, CLIENT, base_dir=base, data_root=data, out_root=tmp / "clients",
+                        checkpoint_root=tmp / "checkpoints", metrics_root=tmp / "metrics", callbacks=callbacks)
+
+
+def curve(tmp: Path, name: str) -> list[tuple[int, float]]:
+    path = tmp / "metrics" / CLIENT / "plots" / "metrics" / f"{name}.tsv"
+    with path.open() as f:
+        return [(int(r["step"]), float(r[Path(name).name])) for r in csv.DictReader(f, delimiter="\t")]
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory, tiny_random_dir, prepared):
+    tmp = tmp_path_factory.mktemp("run_a")
+    return tmp, finetune(tmp, tiny_random_dir, prepared)
+
+
+def test_short_run_trains_decoder_and_writes_loadable_dir(run_a, tiny_random_dir):
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    tmp, metrics = run_a
+    out = tmp / "clients" / CLIENT
+    for name in ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                 "preprocessor_config.json"]:
+        assert (out / name).is_file(), name
+    model = WhisperForConditionalGeneration.from_pretrained(str(out))
+    WhisperProcessor.from_pretrained(str(out))
+    assert model.config.d_model == 64
+    base, tuned = read_state_dict(tiny_random_dir), read_state_dict(out)
+    assert base.keys() == tuned.keys()
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    assert any(k.startswith("model.decoder.") for k in changed)
+    assert not any(k.startswith("model.encoder.") for k in changed)  # freeze_encoder: true
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["client"] == CLIENT and summary["train_samples"] == 8
+    assert summary["global_step"] == 4 and summary["epochs"] == pytest.approx(1.0)
+    on_disk = json.loads((tmp / "metrics" / f"{CLIENT}.json").read_text())
+    assert on_disk == metrics
+    assert isinstance(metrics["eval_wer"], float) and metrics["eval_items"] == 2
+    assert not list((tmp / "clients").glob("*.tmp-*")) and not list((tmp / "clients").glob("*.staging-*"))
+
+
+def test_curves_are_logged_per_step_without_dvc_yaml(run_a):
+    tmp, metrics = run_a
+    assert [s for s, _ in curve(tmp, "train/loss")] == [1, 2, 3, 4]
+    lr = curve(tmp, "train/learning_rate")
+    assert lr[0][1] == pytest.approx(1e-3) and lr[-1][1] < lr[0][1]  # linear decay
+    assert curve(tmp, "eval/wer") == [(4, pytest.approx(metrics["eval_wer"]))]
+    assert not list(tmp.rglob("dvc.yaml"))
+
+
+def test_same_seed_gives_identical_weights(run_a, tmp_path, tiny_random_dir, prepared):
+    tmp_a, _ = run_a
+    finetune(tmp_path, tiny_random_dir, prepared)
+    a, b = read_state_dict(tmp_a / "clients" / CLIENT), read_state_dict(tmp_path / "clients" / CLIENT)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_from_last_checkpoint(run_a, tmp_path, tiny_random_dir, prepared):
+    from transformers import TrainerCallback
+
+    class StopAt3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise Interrupt("killed")
+
+    with pytest.raises(Interrupt):
+        finetune(tmp_path, tiny_random_dir, prepared, callbacks=[StopAt3()])
+    assert not (tmp_path / "clients" / CLIENT).exists()  # nothing half-written looks finished
+    assert (tmp_path / "checkpoints" / CLIENT / "checkpoint-2").is_dir()
+    metrics = finetune(tmp_path, tiny_random_dir, prepared)
+    assert metrics["resumed_from_step"] == 2 and metrics["global_step"] == 4
+    assert [s for s, _ in curve(tmp_path, "train/loss")] == [1, 2, 3, 4]
+    tmp_a, full = run_a
+    a, b = read_state_dict(tmp_a / "clients" / CLIENT), read_state_dict(tmp_path / "clients" / CLIENT)
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert metrics["train_samples"] == full["train_samples"]
+
+
+def test_changed_params_do_not_resume_stale_checkpoints(tmp_path):
+    ckpt = tmp_path / "ck"
+    (ckpt / "checkpoint-2").mkdir(parents=True)
+    (ckpt / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (ckpt / "checkpoint-4").mkdir()  # cut short: no trainer_state.json
+    assert resume_point(ckpt, {"lr": 1}) is None  # no fingerprint on disk: not ours
+    (ckpt / "checkpoint-2").mkdir()
+    (ckpt / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (ckpt / "checkpoint-4").mkdir()
+    assert resume_point(ckpt, {"lr": 1}) == ckpt / "checkpoint-2"
+    assert not (ckpt / "checkpoint-4").exists()
+    assert resume_point(ckpt, {"lr": 2}) is None and not (ckpt / "checkpoint-2").exists()
+
+
+def test_translate_task_on_multilingual_model(tmp_path, tiny_random_multilingual_dir, prepared):
+    from transformers import GenerationConfig, WhisperTokenizerFast
+
+    from fedwhisper.train.trainer import build_trainer, load_base
+    from fedwhisper.data.prepared import load_split
+
+    ft = FinetuneParams(**{**FAST, "max_steps": 2, "language": "de", "task": "translate"})
+    model, tok, multilingual = load_base(tiny_random_multilingual_dir)
+    assert multilingual
+    train = load_split(prepared, CLIENT, "train")
+    trainer = build_trainer(ft, model, tok, multilingual, train, None, tmp_path / "ck")
+    labels = trainer.data_collator([train.with_format("numpy")[0]])["labels"][0].tolist()
+    assert tok.convert_ids_to_tokens(labels[:3]) == ["<|de|>", "<|translate|>", "<|notimestamps|>"]
+    assert model.generation_config.task == "translate" and model.generation_config.language == "de"
+
+    metrics = finetune(tmp_path, tiny_random_multilingual_dir, prepared, max_steps=2, language="de", task="translate")
+    out = tmp_path / "clients" / CLIENT
+    assert metrics["global_step"] == 2 and isinstance(metrics["eval_wer"], float)
+    assert json.loads((out / "training_summary.json").read_text())["multilingual"] is True
+    assert WhisperTokenizerFast.from_pretrained(str(out)).convert_tokens_to_ids("<|translate|>") == 50358
+    assert GenerationConfig.from_pretrained(str(out)).is_multilingual
+
+
+def test_translate_on_english_only_model_is_refused(tmp_path, tiny_random_dir, prepared):
+    with pytest.raises(ParamsError, match="finetune.task: 'translate' needs a multilingual base model"):
+        finetune(tmp_path, tiny_random_dir, prepared, task="translate")
+
+
+def test_param_checks():
+    if not torch.cuda.is_available():
+        with pytest.raises(ParamsError, match="finetune.precision: 'fp16' needs a CUDA GPU"):
+            check_precision("fp16")
+        with pytest.raises(ParamsError, match="finetune.precision: 'bf16' needs a CUDA GPU"):
+            check_precision("bf16")
+    check_precision("fp32")
+    assert check_trainer_overrides({"dataloader_num_workers": 2, "push_to_hub": False}) == {
+        "dataloader_num_workers": 2, "push_to_hub": False}
+    with pytest.raises(ParamsError, match=r"finetune.trainer.dataloader_num_worker: .*did you mean dataloader_num_workers"):
+        check_trainer_overrides({"dataloader_num_worker": 2})
+    with pytest.raises(ParamsError, match="finetune.trainer.learning_rate: set by finetune.learning_rate"):
+        check_trainer_overrides({"learning_rate": 1e-5})
+
+
+def test_launcher_command():
+    ft = FinetuneParams()
+    assert launcher_command(ft, "stages/finetune.py", ["--client", "a"], env={}) is None
+    acc = dataclasses.replace(ft, launcher="accelerate", num_processes=4)
+    cmd = launcher_command(acc, "stages/finetune.py", ["--client", "a"], env={"FEDWHISPER_LAUNCH_ARGS": "--num_machines 2"})
+    assert cmd == [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "4", "--multi_gpu",
+                   "--num_machines", "2", "stages/finetune.py", "--client", "a"]
+    tr = dataclasses.replace(ft, launcher="torchrun", num_processes=2)
+    assert launcher_command(tr, "s.py", [], env={})[:5] == [sys.executable, "-m", "torch.distributed.run",
+                                                           "--nproc_per_node", "2"]
+    assert launcher_command(tr, "s.py", [], env={"LOCAL_RANK": "0"}) is None  # already a launched worker
