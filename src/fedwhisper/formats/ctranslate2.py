@@ -1,0 +1,265 @@
+"""CTranslate2 Whisper models (``model.bin``): read, import to the canonical HF directory, export.
+
+``model.bin`` layout (little-endian)::
+
+    uint32 version; string spec_name; uint32 revision; uint32 n_variables
+    n_variables x { string name; uint8 rank; uint32 dims[rank]; uint8 dtype; uint32 n_bytes; bytes[n_bytes] }
+    uint32 n_aliases; n_aliases x { string alias; string target }      (version >= 3)
+
+A string is a uint16 length that counts a trailing NUL, then the bytes. dtype: 0 f32, 1 i8, 2 i16, 3 i32, 4 f16,
+5 bf16. Imported weights are written as float32: the bundled model is fp16, and fine-tuning and merging run in fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fedwhisper.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {0: torch.float32, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: torch.float16, 5: torch.bfloat16}
+
+
+class _Cursor:
+    def __init__(self, buf, path: Path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def take(self, n: int) -> memoryview:
+        if self.pos + n > len(self.buf):
+            raise CheckpointError(
+                f"{self.path}: truncated CTranslate2 model.bin (needs {n} bytes at offset {self.pos}, "
+                f"file has {len(self.buf)}); re-convert or re-download the model"
+            )
+        view = memoryview(self.buf)[self.pos:self.pos + n]
+        self.pos += n
+        return view
+
+    def unpack(self, fmt: str):
+        size = struct.calcsize(fmt)
+        return struct.unpack("<" + fmt, self.take(size))
+
+    def string(self) -> str:
+        (n,) = self.unpack("H")
+        raw = bytes(self.take(n))
+        return raw[:-1].decode("utf-8") if raw.endswith(b"\0") else raw.decode("utf-8")
+
+
+def read_ct2_model_bin(path: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """Parse a CTranslate2 ``model.bin``: (spec name, {variable name: tensor}); aliases resolve to their target."""
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            buf = f.read()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read CTranslate2 model.bin ({exc.strerror})") from None
+    cur = _Cursor(buf, path)
+    (version,) = cur.unpack("I")
+    if not 1 <= version <= 6:
+        raise CheckpointError(f"{path}: CTranslate2 binary version {version} is not supported (1-6); is this a model.bin?")
+    spec = cur.string() if version >= 2 else ""
+    if version >= 2:
+        cur.unpack("I")  # spec revision
+    (count,) = cur.unpack("I")
+    out: dict[str, torch.Tensor] = {}
+    for _ in range(count):
+        name = cur.string()
+        (rank,) = cur.unpack("B")
+        dims = cur.unpack(f"{rank}I") if rank else ()
+        if version >= 4:
+            (code,) = cur.unpack("B")
+        else:
+            code = {4: 0, 1: 1, 2: 2}.get(cur.unpack("B")[0], -1)
+        (nbytes,) = cur.unpack("I")
+        if code not in _DTYPES:
+            raise CheckpointError(f"{path}: variable {name!r} has unknown dtype code {code}")
+        dtype = _DTYPES[code]
+        expected = int(np.prod(dims, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        if nbytes != expected:
+            raise CheckpointError(
+                f"{path}: variable {name!r} holds {nbytes} bytes but shape {tuple(dims)} of {dtype} needs {expected}"
+            )
+        raw = bytearray(cur.take(nbytes))
+        out[name] = torch.frombuffer(raw, dtype=dtype).reshape(dims) if nbytes else torch.empty(dims, dtype=dtype)
+    if version >= 3 and cur.pos < len(buf):
+        (n_alias,) = cur.unpack("I")
+        for _ in range(n_alias):
+            alias, target = cur.string(), cur.string()
+            if target not in out:
+                raise CheckpointError(f"{path}: alias {alias!r} points to missing variable {target!r}")
+            out[alias] = out[target]
+    return spec, out
+
+
+def _dequantize(variables: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """int8/int16 weights come with ``<name>_scale`` (CTranslate2 stores ``w_q = round(w * scale)`` per row)."""
+    out = {}
+    for name, t in variables.items():
+        if name.endswith("_scale"):
+            continue
+        scale = variables.get(f"{name}_scale")
+        if scale is not None and not t.is_floating_point():
+            t = t.float() / scale.float().reshape(-1, *([1] * (t.dim() - 1)))
+        out[name] = t
+    return out
+
+
+def _scalar(variables: dict[str, torch.Tensor], name: str, path: Path) -> int:
+    if name not in variables:
+        raise CheckpointError(f"{path}: missing {name!r}; is this a CTranslate2 Whisper model?")
+    return int(variables[name].reshape(-1)[0])
+
+
+def ct2_dims(variables: dict[str, torch.Tensor], path: Path) -> dict[str, int]:
+    """openai-whisper dims of a CTranslate2 WhisperSpec."""
+    def layers(side: str) -> int:
+        return len({n.split("/")[1] for n in variables if re.match(rf"{side}/layer_\d+/", n)})
+
+    try:
+        conv1, emb = variables["encoder/conv1/weight"], variables["decoder/embeddings/weight"]
+        enc_pos = variables["encoder/position_encodings/encodings"]
+        dec_pos = variables["decoder/position_encodings/encodings"]
+    except KeyError as exc:
+        raise CheckpointError(f"{path}: missing variable {exc.args[0]!r}; is this a CTranslate2 Whisper model?") from None
+    return dict(n_mels=conv1.shape[1], n_audio_ctx=enc_pos.shape[0], n_audio_state=conv1.shape[0],
+                n_audio_head=_scalar(variables, "encoder/num_heads", path), n_audio_layer=layers("encoder"),
+                n_vocab=emb.shape[0], n_text_ctx=dec_pos.shape[0], n_text_state=emb.shape[1],
+                n_text_head=_scalar(variables, "decoder/num_heads", path), n_text_layer=layers("decoder"))
+
+
+def ct2_to_hf_state(variables: dict[str, torch.Tensor], path: Path, dims: dict[str, int]) -> dict[str, torch.Tensor]:
+    """CTranslate2 WhisperSpec variables -> canonical HF tensors (float32), splitting fused projections.
+
+    Self-attention ``linear_0`` is [q; k; v], cross-attention ``linear_0`` is q and ``linear_1`` is [k; v]; the key
+    bias CTranslate2 stores is all zeros (Whisper's key projection has none).
+    """
+    v = {k: t.float() for k, t in _dequantize(variables).items() if t.is_floating_point()}
+    hf: dict[str, torch.Tensor] = {}
+    d = dims["n_audio_state"]
+
+    def take(name: str) -> torch.Tensor:
+        if name not in v:
+            raise CheckpointError(f"{path}: missing variable {name!r}; is this a CTranslate2 Whisper model?")
+        return v[name]
+
+    def norm(src: str, dst: str) -> None:
+        hf[f"{dst}.weight"], hf[f"{dst}.bias"] = take(f"{src}/gamma"), take(f"{src}/beta")
+
+    def linear(src: str, dst: str, bias: bool = True) -> None:
+        hf[f"{dst}.weight"] = take(f"{src}/weight")
+        if bias:
+            hf[f"{dst}.bias"] = take(f"{src}/bias")
+
+    def fused(src: str, dst: str, parts: list[str]) -> None:
+        w, b = take(f"{src}/weight"), take(f"{src}/bias")
+        if w.shape[0] != d * len(parts):
+            raise CheckpointError(f"{path}: {src}/weight has {w.shape[0]} rows; expected {len(parts)} x {d} (fused {parts})")
+        for i, part in enumerate(parts):
+            hf[f"{dst}.{part}.weight"] = w[i * d:(i + 1) * d].clone()
+            bias = b[i * d:(i + 1) * d].clone()
+            if part == "k_proj":
+                if bias.abs().max() > 0:
+                    raise CheckpointError(f"{path}: {src}/bias has a non-zero key bias, which Whisper cannot hold")
+                continue
+            hf[f"{dst}.{part}.bias"] = bias
+
+    for side in ("encoder", "decoder"):
+        hf[f"model.{side}.embed_positions.weight"] = take(f"{side}/position_encodings/encodings")
+        norm(f"{side}/layer_norm", f"model.{side}.layer_norm")
+        n_layers = dims["n_audio_layer" if side == "encoder" else "n_text_layer"]
+        for i in tqdm(range(n_layers), desc=f"CTranslate2 {side} layers", unit="layer", leave=False):
+            src, dst = f"{side}/layer_{i}", f"model.{side}.layers.{i}"
+            norm(f"{src}/self_attention/layer_norm", f"{dst}.self_attn_layer_norm")
+            fused(f"{src}/self_attention/linear_0", f"{dst}.self_attn", ["q_proj", "k_proj", "v_proj"])
+            linear(f"{src}/self_attention/linear_1", f"{dst}.self_attn.out_proj")
+            if side == "decoder":
+                norm(f"{src}/attention/layer_norm", f"{dst}.encoder_attn_layer_norm")
+                linear(f"{src}/attention/linear_0", f"{dst}.encoder_attn.q_proj")
+                fused(f"{src}/attention/linear_1", f"{dst}.encoder_attn", ["k_proj", "v_proj"])
+                linear(f"{src}/attention/linear_2", f"{dst}.encoder_attn.out_proj")
+            norm(f"{src}/ffn/layer_norm", f"{dst}.final_layer_norm")
+            linear(f"{src}/ffn/linear_0", f"{dst}.fc1")
+            linear(f"{src}/ffn/linear_1", f"{dst}.fc2")
+    for conv in ("conv1", "conv2"):
+        linear(f"encoder/{conv}", f"model.encoder.{conv}")
+    hf["model.decoder.embed_tokens.weight"] = take("decoder/embeddings/weight")
+    proj = v.get("decoder/projection/weight")
+    if proj is not None and not torch.equal(proj, hf["model.decoder.embed_tokens.weight"]):
+        raise CheckpointError(f"{path}: decoder/projection differs from the token embedding; HF Whisper ties them")
+    return {k: t.contiguous() for k, t in hf.items()}
+
+
+def import_ctranslate2(ct2_dir: str | Path, out_dir: str | Path) -> Path:
+    """Convert a CTranslate2 / faster-whisper directory to the canonical HF directory (float32 weights).
+
+    The generation config takes suppress ids, begin-suppress ids and alignment heads from the model's
+    ``config.json``; the tokenizer is built from its ``tokenizer.json`` (or openai-whisper's assets when absent).
+    """
+    from fedwhisper.formats import hf
+    from fedwhisper.formats.openai_whisper import dims_to_hf_config
+
+    src = Path(ct2_dir)
+    spec, variables = read_ct2_model_bin(src / "model.bin")
+    if spec and spec != "WhisperSpec":
+        raise CheckpointError(f"{src / 'model.bin'}: CTranslate2 spec is {spec!r}, not a Whisper model")
+    dims = ct2_dims(variables, src / "model.bin")
+    state = ct2_to_hf_state(variables, src / "model.bin", dims)
+    config = dims_to_hf_config(dims)
+    multilingual, num_languages = hf.vocab_layout(dims["n_vocab"])
+    tok_json = src / "tokenizer.json"
+    if tok_json.is_file():
+        vocab, merges = hf.vocab_merges_from_tokenizer_json(tok_json)
+    else:
+        log.info("%s has no tokenizer.json; using openai-whisper's tokenizer assets", src)
+        vocab, merges = hf.vocab_merges_from_tiktoken(multilingual)
+    tokenizer = hf.build_tokenizer(multilingual, num_languages, vocab=vocab, merges=merges)
+    ct2_config = {}
+    if (src / "config.json").is_file():
+        try:
+            ct2_config = json.loads((src / "config.json").read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise CheckpointError(f"{src / 'config.json'}: not valid JSON ({exc})") from None
+    gen = hf.build_generation_config(
+        config, tokenizer,
+        suppress_tokens=ct2_config.get("suppress_ids"),
+        begin_suppress_tokens=ct2_config.get("suppress_ids_begin"),
+        alignment_heads=ct2_config.get("alignment_heads"),
+    )
+    out = hf.write_whisper_dir(state, config, out_dir, tokenizer_from=tokenizer, generation_config=gen,
+                               dtype=torch.float32)
+    log.info("imported CTranslate2 %s -> %s (%d tensors, float32)", src, out, len(state))
+    return out
+
+
+def export_ctranslate2(hf_dir: str | Path, out_dir: str | Path, quantization: str = "float32") -> Path:
+    """Convert a canonical directory to CTranslate2 with its own converter (offline), written atomically."""
+    from ctranslate2.converters import TransformersConverter
+
+    from fedwhisper.formats.hf import replace_dir
+
+    src, out = Path(hf_dir), Path(out_dir)
+    copy = [n for n in ("tokenizer.json", "preprocessor_config.json") if (src / n).is_file()]
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        TransformersConverter(str(src), copy_files=copy, low_cpu_mem_usage=True).convert(
+            str(tmp), quantization=quantization, force=True
+        )
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %s -> CTranslate2 %s (%s)", src, out, quantization)
+    return out
