@@ -59,7 +59,7 @@ def arch_from_config(config: dict) -> dict[str, int]:
     return {k: int(config[v]) for k, v in _DIMS_FROM_CONFIG.items() if isinstance(config.get(v), int)}
 
 
-def sha256_file(paths: Path | Iterable[Path], chunk: int = 1 << 24) -> str:
+def sha256_file(paths: Path | Iterable[Path], chunk: int = 1 << 22) -> str:
     """sha256 of one file, or of several files concatenated in the given order."""
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     h = hashlib.sha256()

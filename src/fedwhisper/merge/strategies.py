@@ -216,7 +216,8 @@ class Median(Strategy):
     def merge(self, xs, w, base, ctx):
         stacked = torch.stack([x.to(ctx.dtype) for x in xs])
         n = stacked.shape[0]
-        s = torch.sort(stacked, dim=0).values
+        s = torch.msort(stacked)
+        del stacked
         if n % 2:
             return s[n // 2].clone()
         return (s[n // 2 - 1] + s[n // 2]) / 2
@@ -242,7 +243,8 @@ class TrimmedMean(Strategy):
         stacked = torch.stack([x.to(ctx.dtype) for x in xs])
         n = stacked.shape[0]
         k = self.trim_count(n)
-        s = torch.sort(stacked, dim=0).values
+        s = torch.msort(stacked)
+        del stacked
         return s[k:n - k].mean(dim=0)
 
 
