@@ -178,6 +178,9 @@ class EvaluateParams:
     max_new_tokens: int = p(128, "Maximum generated tokens per 30 s window.", min=1, max=444)
     normalizer: Literal["english", "basic", "none"] = p("english", "Text normaliser applied before WER/CER/BLEU.")
     device: Literal["auto", "cpu", "cuda"] = p("auto", "Decoding device.")
+    compute_type: Literal["default", "float32", "int8", "int8_float32", "float16", "int8_float16", "bfloat16"] = p(
+        "default", "ctranslate2 backend: weight/compute type (default = float32 on CPU, float16 on CUDA)."
+    )
 
 
 @dataclass(frozen=True)

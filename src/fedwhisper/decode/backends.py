@@ -1,0 +1,244 @@
+"""Decoding backends for a canonical HF Whisper directory: transformers, openai-whisper, ctranslate2.
+
+Every backend offers ``decode_short`` (a batch of clips of at most 30 s, one padded window each) and
+``decode_long`` (one clip over 30 s, transcribed window by window with timestamps, never truncated).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from fedwhisper.decode.features import SAMPLING_RATE, log_mel_batch
+from fedwhisper.errors import CheckpointError, DecodeError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("transformers", "openai-whisper", "ctranslate2")
+COMPUTE_TYPES = ("default", "float32", "int8", "int8_float32", "float16", "int8_float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    beam_size: int = 1
+    language: Optional[str] = "en"
+    task: str = "transcribe"
+    max_new_tokens: int = 128
+    device: str = "auto"
+    compute_type: str = "default"
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DecodeError("evaluate.device: 'cuda' requested but torch sees no CUDA device; set it to auto or cpu")
+    return device
+
+
+def _check_model_dir(model_dir: Path) -> None:
+    if not (model_dir / "config.json").is_file():
+        raise CheckpointError(
+            f"{model_dir}: not an HF Whisper directory (no config.json); pass a canonical model directory "
+            "such as models/base, or convert the model with stages/base.py"
+        )
+
+
+class Backend:
+    name = ""
+
+    def __init__(self, model_dir: str | Path, options: DecodeOptions):
+        self.model_dir = Path(model_dir)
+        _check_model_dir(self.model_dir)
+        self.options = options
+        self.device = resolve_device(options.device)
+
+    def decode_short(self, audios: Sequence[np.ndarray]) -> list[str]:
+        raise NotImplementedError
+
+    def decode_long(self, audio: np.ndarray) -> str:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class TransformersBackend(Backend):
+    """``WhisperForConditionalGeneration.generate`` with SDPA attention and torch log-mel features."""
+
+    name = "transformers"
+
+    def __init__(self, model_dir: str | Path, options: DecodeOptions):
+        super().__init__(model_dir, options)
+        from transformers import AutoTokenizer, WhisperForConditionalGeneration
+
+        dtype = torch.float16 if self.device == "cuda" else torch.float32
+        try:
+            self.model = WhisperForConditionalGeneration.from_pretrained(
+                self.model_dir, attn_implementation="sdpa", dtype=dtype
+            ).to(self.device).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{self.model_dir}: cannot load the HF Whisper model ({exc})") from None
+        self.n_mels = self.model.config.num_mel_bins
+        self.dtype = dtype
+        self.generate_kwargs = dict(max_new_tokens=options.max_new_tokens, num_beams=options.beam_size, do_sample=False)
+        if getattr(self.model.generation_config, "is_multilingual", False):
+            self.generate_kwargs.update(language=options.language, task=options.task)
+
+    @torch.inference_mode()
+    def decode_short(self, audios: Sequence[np.ndarray]) -> list[str]:
+        features = log_mel_batch(audios, self.n_mels, self.device).to(self.dtype)
+        ids = self.model.generate(features, return_timestamps=False, **self.generate_kwargs)
+        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+    @torch.inference_mode()
+    def decode_long(self, audio: np.ndarray) -> str:
+        from transformers import WhisperFeatureExtractor
+
+        extractor = WhisperFeatureExtractor.from_pretrained(self.model_dir)
+        inputs = extractor(audio, sampling_rate=SAMPLING_RATE, truncation=False, padding="longest",
+                           return_attention_mask=True, return_tensors="pt")
+        ids = self.model.generate(
+            inputs.input_features.to(self.device, self.dtype),
+            attention_mask=inputs.attention_mask.to(self.device),
+            return_timestamps=True,
+            condition_on_prev_tokens=False,
+            **self.generate_kwargs,
+        )
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip()
+
+
+class OpenAIWhisperBackend(Backend):
+    """openai-whisper on an in-memory export: batched ``whisper.decode``; ``whisper.transcribe`` for long audio."""
+
+    name = "openai-whisper"
+
+    def __init__(self, model_dir: str | Path, options: DecodeOptions):
+        super().__init__(model_dir, options)
+        import whisper
+
+        from fedwhisper.formats.openai_whisper import load_openai_model
+
+        self.model = load_openai_model(self.model_dir).to(self.device).eval()
+        fp16 = self.device == "cuda"
+        if fp16:
+            self.model = self.model.half()
+        language = options.language if self.model.is_multilingual else "en"
+        beam = options.beam_size if options.beam_size > 1 else None
+        self.decoding = whisper.DecodingOptions(
+            task=options.task, language=language, temperature=0.0, sample_len=options.max_new_tokens,
+            beam_size=beam, without_timestamps=True, fp16=fp16,
+        )
+        self.transcribe_kwargs = dict(
+            task=options.task, language=language, temperature=0.0, beam_size=beam, fp16=fp16,
+            condition_on_previous_text=False, verbose=None,
+        )
+
+    @torch.inference_mode()
+    def decode_short(self, audios: Sequence[np.ndarray]) -> list[str]:
+        import whisper
+
+        mel = log_mel_batch(audios, self.model.dims.n_mels, self.device)
+        if self.decoding.fp16:
+            mel = mel.half()
+        return [r.text.strip() for r in whisper.decode(self.model, mel, self.decoding)]
+
+    def decode_long(self, audio: np.ndarray) -> str:
+        import whisper
+
+        result = whisper.transcribe(self.model, torch.from_numpy(np.asarray(audio, np.float32)), **self.transcribe_kwargs)
+        return result["text"].strip()
+
+
+class CTranslate2Backend(Backend):
+    """CTranslate2's converter into a temporary directory, then faster-whisper's batched pipeline."""
+
+    name = "ctranslate2"
+
+    def __init__(self, model_dir: str | Path, options: DecodeOptions):
+        super().__init__(model_dir, options)
+        import ctranslate2
+        from faster_whisper import BatchedInferencePipeline, WhisperModel
+
+        from fedwhisper.formats.ctranslate2 import export_ctranslate2
+
+        if self.device == "cuda" and ctranslate2.get_cuda_device_count() == 0:
+            self.device = "cpu"
+        if not (self.model_dir / "tokenizer.json").is_file():
+            raise CheckpointError(
+                f"{self.model_dir}: no tokenizer.json, which faster-whisper needs; re-write the model directory "
+                "with fedwhisper.formats.hf (stages/base.py) or use another evaluate.backend"
+            )
+        tmp = Path(tempfile.mkdtemp(prefix="fedwhisper-ct2-"))
+        try:
+            export_ctranslate2(self.model_dir, tmp / "model", quantization="float32")
+            compute_type = options.compute_type
+            if compute_type == "default":
+                compute_type = "float16" if self.device == "cuda" else "float32"
+            self.model = WhisperModel(str(tmp / "model"), device=self.device, compute_type=compute_type,
+                                      cpu_threads=torch.get_num_threads())
+        except (ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{self.model_dir}: CTranslate2 conversion or loading failed ({exc})") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self.pipeline = BatchedInferencePipeline(self.model)
+        self.n_mels = self.model.model.n_mels
+        self.multilingual = self.model.model.is_multilingual
+        self.language = options.language if self.multilingual else "en"
+
+    def _transcription_options(self):
+        from faster_whisper.tokenizer import Tokenizer
+        from faster_whisper.transcribe import TranscriptionOptions, get_suppressed_tokens
+
+        tokenizer = Tokenizer(self.model.hf_tokenizer, self.multilingual, task=self.options.task, language=self.language)
+        options = TranscriptionOptions(
+            beam_size=self.options.beam_size, best_of=1, patience=1.0, length_penalty=1.0, repetition_penalty=1.0,
+            no_repeat_ngram_size=0, log_prob_threshold=None, no_speech_threshold=None,
+            compression_ratio_threshold=None, condition_on_previous_text=False, prompt_reset_on_temperature=0.5,
+            temperatures=[0.0], initial_prompt=None, prefix=None, suppress_blank=True,
+            suppress_tokens=get_suppressed_tokens(tokenizer, [-1]), without_timestamps=True,
+            max_initial_timestamp=0.0, word_timestamps=False, prepend_punctuations="", append_punctuations="",
+            multilingual=False, max_new_tokens=self.options.max_new_tokens, clip_timestamps="0",
+            hallucination_silence_threshold=None, hotwords=None,
+        )
+        return tokenizer, options
+
+    def decode_short(self, audios: Sequence[np.ndarray]) -> list[str]:
+        features = log_mel_batch(audios, self.n_mels, "cpu").numpy()
+        tokenizer, options = self._transcription_options()
+        _, outputs = self.pipeline.generate_segment_batched(features, tokenizer, options)
+        return [tokenizer.decode(o["tokens"]).strip() for o in outputs]
+
+    def decode_long(self, audio: np.ndarray) -> str:
+        segments, _ = self.model.transcribe(
+            np.asarray(audio, np.float32), beam_size=self.options.beam_size, language=self.language,
+            task=self.options.task, temperature=0.0, condition_on_previous_text=False, vad_filter=False,
+            max_new_tokens=self.options.max_new_tokens,
+        )
+        return " ".join(s.text.strip() for s in segments).strip()
+
+
+_CLASSES = {cls.name: cls for cls in (TransformersBackend, OpenAIWhisperBackend, CTranslate2Backend)}
+
+
+def open_backend(name: str, model_dir: str | Path, options: DecodeOptions = DecodeOptions()) -> Backend:
+    """Load ``model_dir`` (canonical HF Whisper directory) into the named backend."""
+    if name not in _CLASSES:
+        raise DecodeError(f"evaluate.backend: unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
+    if options.compute_type not in COMPUTE_TYPES:
+        raise DecodeError(f"evaluate.compute_type: got {options.compute_type!r}; use one of {', '.join(COMPUTE_TYPES)}")
+    return _CLASSES[name](model_dir, options)

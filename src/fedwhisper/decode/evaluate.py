@@ -1,0 +1,253 @@
+"""Evaluate one model: decode a test set, score it pooled and per client group, write metrics JSON + predictions CSV.
+
+Two inputs: the prepared test split of every client (the DVC stages), or an HF dataset streamed row by row
+(seed 000's use: ``--dataset_name i4ds/spc_r --split test``), never materialised.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm.auto import tqdm
+
+from fedwhisper.decode.backends import Backend, DecodeOptions, open_backend
+from fedwhisper.decode.metrics import normalize_texts, score_corpus
+from fedwhisper.decode.transcribe import transcribe_audios, transcribe_indexed
+from fedwhisper.errors import DataError
+from fedwhisper.params import EvaluateParams
+
+log = logging.getLogger(__name__)
+
+PREDICTION_COLUMNS = (
+    "id", "client", "duration_s", "reference", "hypothesis", "reference_normalized", "hypothesis_normalized",
+    "scored", "word_errors", "ref_words",
+)
+GROUP_KEYS = ("wer", "cer", "bleu", "n_samples")
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """An HF dataset (hub id or local data directory) streamed with ``load_dataset(..., streaming=True)``."""
+
+    dataset: str
+    split: str = "test"
+    config: Optional[str] = None
+    audio_column: str = "audio"
+    text_column: str = "text"
+    id_column: Optional[str] = None
+    group_column: Optional[str] = None
+    max_items: Optional[int] = None
+
+
+@dataclass
+class Predictions:
+    ids: list[str]
+    clients: list[str]
+    durations: list[float]
+    references: list[str]
+    hypotheses: list[str]
+    audio_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    def extend(self, other: "Predictions") -> None:
+        for name in ("ids", "clients", "durations", "references", "hypotheses"):
+            getattr(self, name).extend(getattr(other, name))
+        self.audio_seconds += other.audio_seconds
+        self.decode_seconds += other.decode_seconds
+
+
+def decode_options(params: EvaluateParams) -> DecodeOptions:
+    return DecodeOptions(
+        beam_size=params.beam_size, language=params.language, task=params.task,
+        max_new_tokens=params.max_new_tokens, device=params.device,
+        compute_type=getattr(params, "compute_type", "default"),
+    )
+
+
+def open_eval_backend(model_dir: str | Path, params: EvaluateParams) -> Backend:
+    return open_backend(params.backend, model_dir, decode_options(params))
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _audio_lengths(table: pa.Table) -> list[int]:
+    return pc.list_value_length(table.column("audio")).to_pylist()
+
+
+def decode_prepared(backend: Backend, prepared_root: str | Path, batch_size: int, desc: str = "decode") -> Predictions:
+    """Decode the pooled prepared test split (all clients), longest clips first, audio read from the memory map."""
+    from fedwhisper.data.prepared import load_test_pooled
+
+    ds = load_test_pooled(prepared_root)
+    if len(ds) == 0:
+        raise DataError(f"{prepared_root}: the prepared test splits are empty; check prepare.split.test and re-run prepare")
+    table = ds.data.table
+    audio = table.column("audio")
+
+    def load(idx: list[int]) -> list[np.ndarray]:
+        taken = audio.take(pa.array(idx, pa.int64()))
+        return [np.asarray(taken[j].values.to_numpy(zero_copy_only=False), np.float32) for j in range(len(idx))]
+
+    result = transcribe_indexed(backend, _audio_lengths(table), load, batch_size, desc)
+    return Predictions(
+        table.column("id").to_pylist(), table.column("client").to_pylist(), table.column("duration_s").to_pylist(),
+        table.column("text").to_pylist(), result.texts, result.audio_seconds, result.decode_seconds,
+    )
+
+
+def _stream_rows(spec: StreamSpec) -> Iterator[tuple[str, str, str, np.ndarray]]:
+    """(id, group, text, audio 16 kHz) per streamed row; audio bytes decoded with soundfile, not torchcodec."""
+    from fedwhisper.audio import load_16k_mono, to_16k_mono
+    from fedwhisper.data.sources import HFHubSource, lookup
+    from fedwhisper.params import ColumnsParams, DataParams
+
+    columns = ColumnsParams(audio=spec.audio_column, text=spec.text_column, id=spec.id_column,
+                            client=spec.group_column)
+    data = DataParams(source="hf", path=spec.dataset, hf_config=spec.config, columns=columns)
+    source = HFHubSource(spec.dataset, data, spec.max_items)
+    if spec.split not in source.split_names():
+        raise DataError(
+            f"--split: dataset {spec.dataset!r} has no split {spec.split!r} (splits: {', '.join(source.split_names())})"
+        )
+    for item in source.iter_split(spec.split):
+        if item.audio is None:
+            raise DataError(f"{item.origin}: no audio in column {spec.audio_column!r}; set --audio_column")
+        if isinstance(item.audio, tuple):
+            audio = to_16k_mono(*item.audio)
+        else:
+            audio = load_16k_mono(item.audio, name=item.origin)
+        text = item.text.decode("utf-8", "replace") if isinstance(item.text, bytes) else (item.text or "")
+        group = lookup(item.extra, spec.group_column, "all") if spec.group_column else "all"
+        yield item.id, str(group), text, audio
+
+
+def decode_stream(backend: Backend, spec: StreamSpec, batch_size: int, chunk_batches: int = 8) -> Predictions:
+    """Decode a streamed dataset in chunks of ``batch_size * chunk_batches`` rows, each chunk sorted by length."""
+    out = Predictions([], [], [], [], [])
+    chunk: list[tuple[str, str, str, np.ndarray]] = []
+    rows = _stream_rows(spec)
+    with tqdm(desc=f"decode {spec.dataset}:{spec.split}", unit="clip") as bar:
+        while True:
+            chunk.clear()
+            for row in rows:
+                chunk.append(row)
+                if len(chunk) == batch_size * chunk_batches:
+                    break
+            if not chunk:
+                break
+            result = transcribe_audios(backend, [r[3] for r in chunk], batch_size, progress=False)
+            out.extend(Predictions(
+                [r[0] for r in chunk], [r[1] for r in chunk], [len(r[3]) / 16000 for r in chunk],
+                [r[2] for r in chunk], result.texts, result.audio_seconds, result.decode_seconds,
+            ))
+            bar.update(len(chunk))
+    if not out.ids:
+        raise DataError(f"{spec.dataset}:{spec.split}: the stream yielded no rows")
+    return out
+
+
+# --------------------------------------------------------------------------- scoring and outputs
+
+
+def score_predictions(pred: Predictions, normalizer: str) -> dict[str, Any]:
+    """Flat metrics: pooled scores, then ``<key>_<group>`` for every client group (each corpus-level)."""
+    pooled = score_corpus(pred.references, pred.hypotheses, normalizer)
+    metrics: dict[str, Any] = {
+        key: pooled[key] for key in (
+            "wer", "cer", "bleu", "substitutions", "deletions", "insertions", "hits", "ref_words",
+            "n_samples", "n_empty_refs",
+        )
+    }
+    metrics["audio_hours"] = pred.audio_seconds / 3600.0
+    metrics["decode_seconds"] = pred.decode_seconds
+    metrics["rtfx"] = pred.audio_seconds / pred.decode_seconds if pred.decode_seconds > 0 else None
+    for group in dict.fromkeys(pred.clients):
+        idx = [i for i, c in enumerate(pred.clients) if c == group]
+        scores = score_corpus([pred.references[i] for i in idx], [pred.hypotheses[i] for i in idx], normalizer)
+        for key in GROUP_KEYS:
+            metrics[f"{key}_{group}"] = scores[key]
+    metrics["normalizer"] = normalizer
+    metrics["bleu_signature"] = pooled["bleu_signature"]
+    return metrics
+
+
+def prediction_rows(pred: Predictions, normalizer: str) -> Iterator[dict[str, Any]]:
+    import jiwer
+
+    norm_refs = normalize_texts(pred.references, normalizer)
+    norm_hyps = normalize_texts(pred.hypotheses, normalizer)
+    for i in range(len(pred.ids)):
+        scored = bool(norm_refs[i])
+        errors = ref_words = ""
+        if scored:
+            w = jiwer.process_words(norm_refs[i], norm_hyps[i])
+            errors, ref_words = w.substitutions + w.deletions + w.insertions, w.substitutions + w.deletions + w.hits
+        yield {
+            "id": pred.ids[i], "client": pred.clients[i], "duration_s": round(pred.durations[i], 3),
+            "reference": pred.references[i], "hypothesis": pred.hypotheses[i],
+            "reference_normalized": norm_refs[i], "hypothesis_normalized": norm_hyps[i],
+            "scored": scored, "word_errors": errors, "ref_words": ref_words,
+        }
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+
+
+def write_predictions_csv(path: Path, rows: Iterable[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=PREDICTION_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def write_metrics_json(path: Path, metrics: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp(path)
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    name: str,
+    params: EvaluateParams,
+    out_dir: str | Path = "metrics/eval",
+    prepared_root: str | Path = "data/prepared",
+    stream: Optional[StreamSpec] = None,
+) -> dict[str, Any]:
+    """Decode (prepared test splits, or ``stream``), score, write ``<out_dir>/<name>.json`` and
+    ``<out_dir>/<name>_predictions.csv``; return the metrics."""
+    out_dir = Path(out_dir)
+    with open_eval_backend(model_dir, params) as backend:
+        if stream is None:
+            pred = decode_prepared(backend, prepared_root, params.batch_size, desc=f"evaluate {name}")
+        else:
+            pred = decode_stream(backend, stream, params.batch_size)
+    metrics = {"model": name, "backend": params.backend, **score_predictions(pred, params.normalizer)}
+    write_predictions_csv(out_dir / f"{name}_predictions.csv", prediction_rows(pred, params.normalizer))
+    write_metrics_json(out_dir / f"{name}.json", metrics)
+    log.info(
+        "evaluate %s: WER %s CER %s BLEU %s on %d clips (%.3f h) with %s, RTFx %.1f",
+        name, _fmt(metrics["wer"]), _fmt(metrics["cer"]), _fmt(metrics["bleu"]), metrics["n_samples"],
+        metrics["audio_hours"], params.backend, metrics["rtfx"] or 0.0,
+    )
+    return metrics
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+

@@ -1,0 +1,44 @@
+"""Batched Whisper log-mel features in torch (one STFT call per batch, no per-clip feature-extractor overhead)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import numpy as np
+import torch
+import whisper.audio
+
+SAMPLING_RATE = 16000
+N_SAMPLES = whisper.audio.N_SAMPLES  # 30 s window
+N_FRAMES = whisper.audio.N_FRAMES  # 3000 mel frames per window
+
+
+@functools.lru_cache(maxsize=8)
+def _mel_filters(n_mels: int, device: str) -> torch.Tensor:
+    return whisper.audio.mel_filters(device, n_mels)
+
+
+@functools.lru_cache(maxsize=4)
+def _window(device: str) -> torch.Tensor:
+    return torch.hann_window(whisper.audio.N_FFT, device=device)
+
+
+def log_mel_batch(audios: Sequence[np.ndarray], n_mels: int = 80, device: str = "cpu") -> torch.Tensor:
+    """(B, n_mels, 3000) log-mel of clips of at most 30 s, each zero-padded to 30 s.
+
+    Same formula as ``whisper.log_mel_spectrogram`` (and HF's WhisperFeatureExtractor), but the
+    dynamic-range clamp (max - 8) is taken per clip rather than over the whole batch.
+    """
+    batch = torch.zeros(len(audios), N_SAMPLES, dtype=torch.float32)
+    for i, a in enumerate(audios):
+        a = np.asarray(a, dtype=np.float32)[:N_SAMPLES]
+        batch[i, : a.shape[0]] = torch.from_numpy(a)
+    batch = batch.to(device)
+    stft = torch.stft(batch, whisper.audio.N_FFT, whisper.audio.HOP_LENGTH, window=_window(str(device)),
+                      return_complex=True)
+    magnitudes = stft[..., :-1].abs() ** 2
+    mel = _mel_filters(n_mels, str(device)) @ magnitudes
+    log_spec = torch.clamp(mel, min=1e-10).log10()
+    log_spec = torch.maximum(log_spec, log_spec.amax(dim=(1, 2), keepdim=True) - 8.0)
+    return (log_spec + 4.0) / 4.0
