@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -65,10 +66,15 @@ def read_openai_pt(path: str | Path) -> tuple[Optional[dict[str, int]], dict[str
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format cannot be mmapped
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()
+        blocked = re.search(r"GLOBAL (\S+)", str(exc))
+        if blocked:
+            raise CheckpointError(
+                f"{path}: refused to load; the pickle calls code ({blocked.group(1)}), not just tensors and plain "
+                "containers. Ask its author for a safetensors file or a plain state dict"
+            ) from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
         raise CheckpointError(
-            f"{path}: refused to load; the pickle needs more than tensors and plain containers "
-            f"({first[0] if first else 'unsafe global'}). Only load checkpoints you trust, or re-save it as safetensors"
+            f"{path}: not a readable PyTorch checkpoint ({detail.group(1) if detail else 'weights-only unpickling failed'})"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
