@@ -6,12 +6,15 @@ Imported by the test modules as a plain module (pytest puts this folder on ``sys
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ROOT / "stages"
@@ -98,3 +101,52 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout_s: float) -> None:
             proc.kill()
             raise AssertionError(f"{path} did not appear within {timeout_s} s")
         time.sleep(0.05)
+
+
+def run_ok(cmd: list[str], cwd: Path, timeout: int = 240) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------- a tiny finetune project
+
+CLIENT = "c1"
+WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet".split()
+FT = dict(max_steps=4, batch_size=2, save_steps=2, eval_max_items=2, learning_rate=1e-3, eval_steps=0)
+FINETUNE = [str(STAGES / "finetune.py"), "--client", CLIENT]
+
+
+def _rows(n: int, seed: int, split: str) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        samples = int(16000 * rng.uniform(0.4, 0.8))
+        t = np.arange(samples) / 16000
+        audio = (0.1 * np.sin(2 * np.pi * (200 + 40 * i) * t) + 0.01 * rng.standard_normal(samples))
+        rows.append({"id": f"{split}-{i:03d}", "client": CLIENT, "text": " ".join(rng.choice(WORDS, size=3)),
+                     "audio": audio.astype(np.float32), "duration_s": samples / 16000})
+    return rows
+
+
+def make_ft_project(root: Path, base_dir: Path) -> Path:
+    """A project dir for ``stages/finetune.py --client c1``: params.yaml (reduced finetune), models/base, and
+    data/prepared/c1 (8 train, 2 validation, 2 test rows in the prepared Arrow format)."""
+    from fedwhisper.data.prepared import write_manifest, write_split
+
+    root.mkdir(parents=True, exist_ok=True)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["clients"] = [CLIENT]
+    params["finetune"].update(FT)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copytree(base_dir, root / "models" / "base")
+    prepared = root / "data" / "prepared"
+    counts = {s: write_split(prepared / CLIENT / f"{s}.arrow", _rows(n, seed, s))
+              for s, n, seed in [("train", 8, 0), ("validation", 2, 1), ("test", 2, 2)]}
+    write_manifest(prepared, {CLIENT: counts}, [CLIENT])
+    return root
+
+
+def project_copy(template: Path, dest: Path) -> Path:
+    shutil.copytree(template, dest)
+    return dest
