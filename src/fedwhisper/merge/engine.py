@@ -41,6 +41,27 @@ HASH_PLACEHOLDER = "0" * 64
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+_MALLOC_TUNED = False
+
+
+def _tune_malloc() -> None:
+    """Serve buffers >= 1 MiB with mmap and give them back on free (glibc ``M_MMAP_THRESHOLD``).
+
+    glibc otherwise raises its mmap threshold after the first large free, and later tensor buffers land in the
+    heap, where fragmentation keeps freed tensors resident; the streaming engine frees one batch per tensor name.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED:
+        return
+    _MALLOC_TUNED = True
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: keep the allocator's defaults
+        pass
+
+
 # --------------------------------------------------------------------------- writer
 
 
@@ -231,6 +252,7 @@ def merge_checkpoints(client_names: Sequence[str], readers: Sequence[CheckpointR
     ``metadata`` goes into the safetensors header; ``"fedwhisper.inputs"`` is added with every input's sha256.
     """
     t0 = time.perf_counter()
+    _tune_malloc()
     n = len(readers)
     strategy = plan.strategy
     if strategy.needs_base and base is None:
