@@ -331,3 +331,43 @@ def test_openai_whisper_and_transformers_give_same_text(tiny_en_dir, en_us_clips
     texts = [r.text.strip() for r in whisper.decode(model, mel, options)]
     assert texts == transformers_texts
     assert np.mean([len(t) for t in texts]) > 20
+
+
+def test_ctranslate2_export_of_tiny_en_gives_same_text(tiny_en_dir, en_us_clips, transformers_texts, tmp_path):
+    import ctranslate2
+    from transformers import WhisperProcessor
+
+    _, audio = en_us_clips
+    ct2_dir = export_ctranslate2(tiny_en_dir, tmp_path / "ct2")
+    assert json.loads((ct2_dir / "config.json").read_text())["suppress_ids"] == json.loads(
+        (tiny_en_dir / "generation_config.json").read_text())["suppress_tokens"]
+    processor = WhisperProcessor.from_pretrained(tiny_en_dir)
+    feats = processor(audio, sampling_rate=16000, return_tensors="np").input_features
+    model = ctranslate2.models.Whisper(str(ct2_dir), device="cpu", compute_type="float32", intra_threads=2)
+    prompt = ["<|startoftranscript|>", "<|notimestamps|>"]
+    results = model.generate(ctranslate2.StorageView.from_array(np.ascontiguousarray(feats)), [prompt] * len(audio),
+                             beam_size=1, max_length=96)
+    texts = [t.strip() for t in processor.batch_decode([r.sequences_ids[0] for r in results], skip_special_tokens=True)]
+    assert texts == transformers_texts
+
+
+def test_ct2_import_keeps_multilingual_language_ids(tiny_random_multilingual_dir, tmp_path):
+    ct2_dir = export_ctranslate2(tiny_random_multilingual_dir, tmp_path / "ct2")
+    config = json.loads((ct2_dir / "config.json").read_text())
+    config["lang_ids"] = config["lang_ids"][:3]
+    (ct2_dir / "config.json").write_text(json.dumps(config))
+    back = import_ctranslate2(ct2_dir, tmp_path / "back")
+    gen = json.loads((back / "generation_config.json").read_text())
+    assert gen["lang_to_id"] == {"<|en|>": 50259, "<|zh|>": 50260, "<|de|>": 50261}
+    _equal_state(hf.read_state_dict(back), hf.read_state_dict(tiny_random_multilingual_dir))
+
+    config["lang_ids"] = [400]
+    (ct2_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json: lang_ids \[\(400, .*not language tokens"):
+        import_ctranslate2(ct2_dir, tmp_path / "bad")
+
+
+def test_hub_id_offline_fails_clearly(tmp_path):
+    with pytest.raises(CheckpointError, match=r"'fedwhisper-test/no-such-model'.*hub id \(no such local directory\)"):
+        materialize_base("fedwhisper-test/no-such-model", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -128,7 +128,11 @@ def import_hf(source: str, out: Path) -> Path:
     try:
         model = WhisperForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"base.source={source!r}: cannot load an HF Whisper model ({exc})") from None
+        where = "local directory" if Path(source).is_dir() else "hub id (no such local directory)"
+        raise CheckpointError(
+            f"base.source={source!r}: cannot load an HF Whisper model from this {where}: {exc}. Check the id or "
+            "path; hub ids need network access (unset HF_HUB_OFFLINE) or a populated HF cache"
+        ) from None
     config = model.config
     try:
         processor = WhisperProcessor.from_pretrained(source)

@@ -31,73 +31,87 @@ log = logging.getLogger(__name__)
 _DTYPES = {0: torch.float32, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: torch.float16, 5: torch.bfloat16}
 
 
-class _Cursor:
-    def __init__(self, buf, path: Path):
-        self.buf, self.pos, self.path = buf, 0, path
+class _Reader:
+    """Sequential reads from the file, so peak memory is the tensors themselves, not the file plus copies."""
 
-    def take(self, n: int) -> memoryview:
-        if self.pos + n > len(self.buf):
+    def __init__(self, f, path: Path):
+        self.f, self.path = f, path
+
+    def take(self, n: int) -> bytes:
+        data = self.f.read(n)
+        if len(data) != n:
             raise CheckpointError(
-                f"{self.path}: truncated CTranslate2 model.bin (needs {n} bytes at offset {self.pos}, "
-                f"file has {len(self.buf)}); re-convert or re-download the model"
+                f"{self.path}: truncated CTranslate2 model.bin (needs {n} bytes at offset {self.f.tell() - len(data)}, "
+                "the file ends first); re-convert or re-download the model"
             )
-        view = memoryview(self.buf)[self.pos:self.pos + n]
-        self.pos += n
-        return view
+        return data
 
     def unpack(self, fmt: str):
-        size = struct.calcsize(fmt)
-        return struct.unpack("<" + fmt, self.take(size))
+        return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt)))
 
     def string(self) -> str:
         (n,) = self.unpack("H")
-        raw = bytes(self.take(n))
+        raw = self.take(n)
         return raw[:-1].decode("utf-8") if raw.endswith(b"\0") else raw.decode("utf-8")
+
+    def at_end(self) -> bool:
+        here = self.f.tell()
+        end = self.f.seek(0, os.SEEK_END)
+        self.f.seek(here)
+        return here >= end
+
+
+def _read_variable(r: _Reader, version: int, path: Path) -> tuple[str, torch.Tensor]:
+    name = r.string()
+    (rank,) = r.unpack("B")
+    dims = r.unpack(f"{rank}I") if rank else ()
+    if version >= 4:
+        (code,) = r.unpack("B")
+    else:  # before version 4 the byte is the item size, and only f32 / i16 / i8 existed
+        code = {4: 0, 2: 2, 1: 1}.get(r.unpack("B")[0], -1)
+    (nbytes,) = r.unpack("I")
+    if code not in _DTYPES:
+        raise CheckpointError(f"{path}: variable {name!r} has unknown dtype code {code}")
+    dtype = _DTYPES[code]
+    expected = int(np.prod(dims, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+    if nbytes != expected:
+        raise CheckpointError(
+            f"{path}: variable {name!r} holds {nbytes} bytes but shape {tuple(dims)} of {dtype} needs {expected}"
+        )
+    if not nbytes:
+        return name, torch.empty(dims, dtype=dtype)
+    return name, torch.frombuffer(bytearray(r.take(nbytes)), dtype=dtype).reshape(dims)
 
 
 def read_ct2_model_bin(path: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
     """Parse a CTranslate2 ``model.bin``: (spec name, {variable name: tensor}); aliases resolve to their target."""
     path = Path(path)
     try:
-        with path.open("rb") as f:
-            buf = f.read()
+        f = path.open("rb")
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read CTranslate2 model.bin ({exc.strerror})") from None
-    cur = _Cursor(buf, path)
-    (version,) = cur.unpack("I")
-    if not 1 <= version <= 6:
-        raise CheckpointError(f"{path}: CTranslate2 binary version {version} is not supported (1-6); is this a model.bin?")
-    spec = cur.string() if version >= 2 else ""
-    if version >= 2:
-        cur.unpack("I")  # spec revision
-    (count,) = cur.unpack("I")
     out: dict[str, torch.Tensor] = {}
-    for _ in range(count):
-        name = cur.string()
-        (rank,) = cur.unpack("B")
-        dims = cur.unpack(f"{rank}I") if rank else ()
-        if version >= 4:
-            (code,) = cur.unpack("B")
-        else:
-            code = {4: 0, 1: 1, 2: 2}.get(cur.unpack("B")[0], -1)
-        (nbytes,) = cur.unpack("I")
-        if code not in _DTYPES:
-            raise CheckpointError(f"{path}: variable {name!r} has unknown dtype code {code}")
-        dtype = _DTYPES[code]
-        expected = int(np.prod(dims, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
-        if nbytes != expected:
+    with f:
+        r = _Reader(f, path)
+        (version,) = r.unpack("I")
+        if not 1 <= version <= 6:
             raise CheckpointError(
-                f"{path}: variable {name!r} holds {nbytes} bytes but shape {tuple(dims)} of {dtype} needs {expected}"
+                f"{path}: CTranslate2 binary version {version} is not supported (1-6); is this a model.bin?"
             )
-        raw = bytearray(cur.take(nbytes))
-        out[name] = torch.frombuffer(raw, dtype=dtype).reshape(dims) if nbytes else torch.empty(dims, dtype=dtype)
-    if version >= 3 and cur.pos < len(buf):
-        (n_alias,) = cur.unpack("I")
-        for _ in range(n_alias):
-            alias, target = cur.string(), cur.string()
-            if target not in out:
-                raise CheckpointError(f"{path}: alias {alias!r} points to missing variable {target!r}")
-            out[alias] = out[target]
+        spec = r.string() if version >= 2 else ""
+        if version >= 2:
+            r.unpack("I")  # spec revision
+        (count,) = r.unpack("I")
+        for _ in tqdm(range(count), desc=f"read {path.name}", unit="var", leave=False):
+            name, tensor = _read_variable(r, version, path)
+            out[name] = tensor
+        if version >= 3 and not r.at_end():
+            (n_alias,) = r.unpack("I")
+            for _ in range(n_alias):
+                alias, target = r.string(), r.string()
+                if target not in out:
+                    raise CheckpointError(f"{path}: alias {alias!r} points to missing variable {target!r}")
+                out[alias] = out[target]
     return spec, out
 
 
@@ -199,6 +213,14 @@ def ct2_to_hf_state(variables: dict[str, torch.Tensor], path: Path, dims: dict[s
     return {k: t.contiguous() for k, t in hf.items()}
 
 
+def _lang_to_id(lang_ids: list[int], tokenizer, where: Path) -> dict[str, int]:
+    tokens = tokenizer.convert_ids_to_tokens([int(i) for i in lang_ids])
+    bad = [(i, t) for i, t in zip(lang_ids, tokens) if not re.fullmatch(r"<\|[a-z]{2,3}(_[A-Za-z]+)?\|>", t or "")]
+    if bad:
+        raise CheckpointError(f"{where}: lang_ids {bad[:3]} are not language tokens of the model's tokenizer")
+    return {t: int(i) for i, t in zip(lang_ids, tokens)}
+
+
 def import_ctranslate2(ct2_dir: str | Path, out_dir: str | Path) -> Path:
     """Convert a CTranslate2 / faster-whisper directory to the canonical HF directory (float32 weights).
 
@@ -235,6 +257,8 @@ def import_ctranslate2(ct2_dir: str | Path, out_dir: str | Path) -> Path:
         begin_suppress_tokens=ct2_config.get("suppress_ids_begin"),
         alignment_heads=ct2_config.get("alignment_heads"),
     )
+    if multilingual and ct2_config.get("lang_ids"):
+        gen.lang_to_id = _lang_to_id(ct2_config["lang_ids"], tokenizer, src / "config.json")
     out = hf.write_whisper_dir(state, config, out_dir, tokenizer_from=tokenizer, generation_config=gen,
                                dtype=torch.float32)
     log.info("imported CTranslate2 %s -> %s (%d tensors, float32)", src, out, len(state))

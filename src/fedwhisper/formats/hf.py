@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Union
+from typing import Iterable, Mapping, Optional
 
 import torch
 from safetensors import safe_open
@@ -348,5 +348,3 @@ def load_config(model_dir: str | Path):
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{model_dir}: cannot read a Whisper config.json ({exc})") from None
 
-
-ModelSource = Union[str, Path]
