@@ -7,12 +7,14 @@ Without flags it reads everything from params.yaml (the DVC stage).
 
 import argparse
 import logging
+import sys
 
+from fedwhisper.errors import FedWhisperError
 from fedwhisper.merge import run_aggregate_stage
 from fedwhisper.merge.strategies import STRATEGIES
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml", help="params file (defaults are used when it is absent)")
     ap.add_argument("--checkpoints", nargs="+", help="inputs: HF dirs, .safetensors or .pt (overrides params)")
@@ -33,10 +35,15 @@ def main() -> None:
     ap.add_argument("--accumulate-dtype", dest="accumulate_dtype", choices=["float32", "float64"])
     ap.add_argument("--export-openai", dest="export_openai", action="store_true", default=None,
                     help="also write an openai-whisper model.pt into the output dir")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run_aggregate_stage(**{("params_path" if k == "params" else k): v for k, v in vars(args).items()})
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        run_aggregate_stage(**{("params_path" if k == "params" else k): v for k, v in vars(args).items()})
+    except FedWhisperError as exc:
+        print(f"aggregate: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -311,10 +311,8 @@ def aggregate(params: Params, *, checkpoints: Sequence[str] | None = None, names
     if metrics_path:
         _write_json_atomic(Path(metrics_path), metrics)
     used = ", ".join(f"{n}={w:.3f}" for n, w in zip(report.client_names, report.weights_used))
-    log.info("aggregate: %s over %d/%d clients (%s) -> %s", agg.strategy, metrics["n_merged"], len(all_names),
-             used, out)
-    print(f"aggregate: {agg.strategy} ({weight_source}) over {metrics['n_merged']}/{len(all_names)} clients "
-          f"[{used}] in {report.seconds:.1f} s -> {out}")
+    log.info("aggregate: %s (%s) over %d/%d clients [%s] in %.1f s -> %s", agg.strategy, weight_source,
+             metrics["n_merged"], len(all_names), used, report.seconds, out)
     return metrics
 
 
