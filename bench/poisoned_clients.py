@@ -1,0 +1,186 @@
+"""Poisoned-client benchmark: do robust merges keep pooled WER near the clean merge when one client of five is bad?
+
+Five clients: the four default trained clients (``models/clients/<c>``) plus a fifth, the uniform merge of two of
+them (``--fifth``, default en-us + en-029: a plausible, honest partner). One client (``--victim``, default the
+fifth) is then replaced by a poisoned model, in two variants:
+
+- ``random``: base + a large random delta, N(0, (s * rms(base tensor))^2) per entry (``--random-scale`` s = 1.0);
+- ``signflip``: base - k * (victim - base), the victim's own update reversed (``--flip-scale`` k = 1.0).
+
+Each client set is merged with mean, median, trimmed_mean and krum through the library's aggregate call, and each
+merged model is evaluated on the pooled prepared test split with ``fedwhisper.decode.evaluate.evaluate_model``
+(identical merged weights are decoded once). Prints a markdown table of pooled WER, with the clean uniform mean as
+the baseline measured in the same run.
+
+    python bench/poisoned_clients.py [--work /tmp/poison] [--batch-size 16] [--strategies mean median ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+STRATEGIES = ("mean", "median", "trimmed_mean", "krum")
+VARIANTS = ("clean", "random", "signflip")
+
+
+def poison_random(base: dict[str, torch.Tensor], scale: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    """base + N(0, (scale * rms(b))^2) per float tensor b, seeded per tensor name (order-independent)."""
+    out = {}
+    for name, b in base.items():
+        if not b.is_floating_point():
+            out[name] = b.clone()
+            continue
+        digest = hashlib.sha256(f"{seed}\0{name}".encode()).digest()
+        gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+        b32 = b.float()
+        rms = float(b32.pow(2).mean().sqrt())  # all-zero tensors (fresh biases) stay zero
+        out[name] = (b32 + scale * rms * torch.randn(b.shape, generator=gen)).to(b.dtype)
+    return out
+
+
+def poison_sign_flip(base: dict[str, torch.Tensor], victim: dict[str, torch.Tensor], scale: float = 1.0
+                     ) -> dict[str, torch.Tensor]:
+    """base - scale * (victim - base): the victim's update, reversed."""
+    return {k: ((b.float() - scale * (victim[k].float() - b.float())).to(b.dtype) if b.is_floating_point()
+                else b.clone()) for k, b in base.items()}
+
+
+def _read(model_dir: Path) -> dict[str, torch.Tensor]:
+    from fedwhisper.formats.hf import read_state_dict
+
+    return read_state_dict(model_dir)
+
+
+def _write_like(template_dir: Path, state: dict[str, torch.Tensor], out_dir: Path) -> Path:
+    """A copy of ``template_dir`` (configs, tokenizer) with ``state`` as its model.safetensors."""
+    from safetensors.torch import save_file
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    shutil.copytree(template_dir, out_dir, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.pt",
+                                                                         "training_summary.json"))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out_dir / "model.safetensors"),
+              metadata={"format": "pt"})
+    return out_dir
+
+
+def merge(params, inputs: list[Path], names: list[str], base: Path, out: Path, strategy: str) -> Path:
+    import dataclasses
+
+    from fedwhisper.merge import aggregate
+
+    agg = dataclasses.replace(params.aggregation, strategy=strategy, weights=None, preset=None, checkpoints=None,
+                              screening=dataclasses.replace(params.aggregation.screening, exclude=False))
+    aggregate(dataclasses.replace(params, aggregation=agg), checkpoints=[str(p) for p in inputs], names=names,
+              base_dir=base, out_dir=out, metrics_path=out.parent / f"{out.name}.json", manifest=None)
+    return out
+
+
+def file_sha(path: Path) -> str:
+    from fedwhisper.formats.checkpoints import sha256_file
+
+    return sha256_file(path)
+
+
+def build_clients(args, work: Path) -> tuple[list[str], dict[str, list[Path]]]:
+    """Client names and, per variant, the five input dirs."""
+    from fedwhisper.params import load_params
+
+    params = load_params(args.params)
+    clients = list(args.clients or params.clients)
+    dirs = [args.clients_dir / c for c in clients]
+    missing = [str(d) for d in dirs if not (d / "model.safetensors").is_file()]
+    if missing:
+        raise SystemExit(f"missing trained clients: {', '.join(missing)}; run `make run` (dvc repro) first")
+    a, b = args.fifth
+    fifth_name = f"mix-{a}+{b}"
+    fifth = work / "inputs" / fifth_name
+    merge(params, [args.clients_dir / a, args.clients_dir / b], [a, b], args.base, fifth, "mean")
+    names = clients + [fifth_name]
+    clean = dirs + [fifth]
+    victim = names.index(args.victim) if args.victim else len(names) - 1
+    base_state = _read(args.base)
+    victim_state = _read(clean[victim])
+    poisoned = {
+        "random": poison_random(base_state, args.random_scale, seed=args.seed),
+        "signflip": poison_sign_flip(base_state, victim_state, args.flip_scale),
+    }
+    sets = {"clean": clean}
+    for variant, state in poisoned.items():
+        p = _write_like(clean[victim], state, work / "inputs" / f"poison-{variant}")
+        sets[variant] = clean[:victim] + [p] + clean[victim + 1:]
+    print(f"clients: {names}; victim: {names[victim]}", file=sys.stderr)
+    return names, sets
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", default="params.yaml", type=Path)
+    ap.add_argument("--clients-dir", default=Path("models/clients"), type=Path)
+    ap.add_argument("--clients", nargs="+", help="default: params.yaml clients")
+    ap.add_argument("--base", default=Path("models/base"), type=Path)
+    ap.add_argument("--prepared", default=Path("data/prepared"), type=Path)
+    ap.add_argument("--fifth", nargs=2, default=["en-us", "en-029"], metavar=("A", "B"),
+                    help="the fifth client is the uniform merge of these two")
+    ap.add_argument("--victim", help="client replaced by the poisoned model (default: the fifth)")
+    ap.add_argument("--random-scale", type=float, default=1.0)
+    ap.add_argument("--flip-scale", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/fedwhisper-poison"))
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args(argv)
+
+    from fedwhisper.decode.evaluate import evaluate_model
+    from fedwhisper.params import EvaluateParams, load_params
+
+    t0 = time.perf_counter()
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    params = load_params(args.params)
+    names, sets = build_clients(args, work)
+    ev = EvaluateParams(**{**{k: getattr(params.evaluate, k) for k in ("backend", "beam_size", "language", "task",
+                                                                       "max_new_tokens", "normalizer")},
+                           "batch_size": args.batch_size, "device": args.device})
+    wer: dict[tuple[str, str], float] = {}
+    by_hash: dict[str, float] = {}
+    for variant in args.variants:
+        for strategy in args.strategies:
+            out = merge(params, sets[variant], names, args.base, work / "merged" / f"{variant}-{strategy}", strategy)
+            digest = file_sha(out / "model.safetensors")
+            if digest not in by_hash:
+                m = evaluate_model(out, f"{variant}-{strategy}", ev, out_dir=work / "eval",
+                                   prepared_root=args.prepared)
+                by_hash[digest] = float(m["wer"])
+            wer[(variant, strategy)] = by_hash[digest]
+            print(f"{variant:9s} {strategy:13s} WER {wer[(variant, strategy)]:.2f}", file=sys.stderr, flush=True)
+    ref = wer.get(("clean", "mean"))
+    head = "| strategy | " + " | ".join(f"{v} WER" for v in args.variants) + " | worst Δ vs clean mean |"
+    lines = [head, "|" + "---|" * (len(args.variants) + 2)]
+    for strategy in args.strategies:
+        cells = [f"{wer[(v, s)]:.2f}" for v in args.variants for s in [strategy]]
+        delta = max(wer[(v, strategy)] - ref for v in args.variants) if ref is not None else float("nan")
+        lines.append(f"| {strategy} | " + " | ".join(cells) + f" | {delta:+.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    print(f"\nclients: {', '.join(names)}; pooled test split of {args.prepared}; "
+          f"random scale {args.random_scale}, flip scale {args.flip_scale}; "
+          f"{len(by_hash)} distinct models decoded in {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps({f"{v}/{s}": w for (v, s), w in wer.items()}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
