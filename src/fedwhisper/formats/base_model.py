@@ -23,6 +23,7 @@ from fedwhisper.formats.ctranslate2 import import_ctranslate2
 from fedwhisper.formats.openai_whisper import (
     ARCHITECTURES,
     dims_to_hf_config,
+    hf_config_to_dims,
     openai_state_to_hf,
     read_openai_pt,
     resolve_dims,
@@ -142,7 +143,11 @@ def import_hf(source: str, out: Path) -> Path:
         multilingual, num_languages = hf.vocab_layout(config.vocab_size)
         tokenizer = hf.build_tokenizer(multilingual, num_languages)
         processor = WhisperProcessor(feature_extractor=hf.build_feature_extractor(config.num_mel_bins), tokenizer=tokenizer)
-    gen = hf.build_generation_config(config, tokenizer)
+    try:
+        heads = _alignment_heads_for(None, hf_config_to_dims(config))
+    except CheckpointError:
+        heads = None
+    gen = hf.build_generation_config(config, tokenizer, alignment_heads=heads)
     try:
         src_gen = GenerationConfig.from_pretrained(source)
     except OSError:

@@ -231,8 +231,12 @@ def replace_dir(tmp: Path, out: Path) -> None:
             shutil.rmtree(old)
         os.replace(out, old)
     os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
+    if old is None:
+        return
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()
 
 
 def tmp_dir_for(out: Path) -> Path:
