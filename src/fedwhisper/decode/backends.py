@@ -227,8 +227,7 @@ class CTranslate2Backend(Backend):
         segments, _ = self.model.transcribe(
             np.asarray(audio, np.float32), beam_size=self.options.beam_size, language=self.language,
             task=self.options.task, temperature=0.0, condition_on_previous_text=False, vad_filter=False,
-            max_new_tokens=self.options.max_new_tokens,
-        )
+        )  # no max_new_tokens: with timestamps faster-whisper then loops on repeats (openai's transcribe has none)
         return " ".join(s.text.strip() for s in segments).strip()
 
 

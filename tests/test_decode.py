@@ -1,0 +1,116 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+import whisper
+
+from fedwhisper.__main__ import main as cli_main
+from fedwhisper.audio import load_16k_mono
+from fedwhisper.decode.backends import BACKENDS, DecodeOptions, open_backend
+from fedwhisper.decode.features import log_mel_batch
+from fedwhisper.decode.metrics import score_corpus
+from fedwhisper.decode.transcribe import plan_batches, transcribe_audios
+from fedwhisper.errors import CheckpointError, DecodeError
+
+N_AGREE = 12  # sample test clips decoded by every backend (3 per accent)
+
+
+@pytest.fixture(scope="module")
+def agree_items(sample_items):
+    by_accent = {}
+    for it in sample_items:
+        by_accent.setdefault(it["accent"], []).append(it)
+    items = [it for group in by_accent.values() for it in group[: N_AGREE // len(by_accent)]]
+    return items, [load_16k_mono(it["path"]) for it in items]
+
+
+def test_plan_batches_sorts_longest_first_and_separates_long_clips():
+    lengths = [16000, 48000, 500000, 32000, 480000, 8000]
+    batches, long = plan_batches(lengths, batch_size=2)
+    assert batches == [[4, 1], [3, 0], [5]]
+    assert long == [2]
+
+
+def test_log_mel_batch_matches_whisper_per_clip():
+    rng = np.random.default_rng(0)
+    clips = [rng.standard_normal(16000 * s).astype(np.float32) * a for s, a in ((3, 0.1), (7, 0.5))]
+    batch = log_mel_batch(clips)
+    assert batch.shape == (2, 80, 3000)
+    for i, clip in enumerate(clips):
+        ref = whisper.log_mel_spectrogram(torch.from_numpy(clip), padding=whisper.audio.N_SAMPLES)[:, :3000]
+        torch.testing.assert_close(batch[i], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_log_mel_batch_matches_hf_feature_extractor(tiny_en_dir):
+    from transformers import WhisperFeatureExtractor
+
+    clip = np.random.default_rng(1).standard_normal(16000 * 4).astype(np.float32) * 0.2
+    hf = WhisperFeatureExtractor.from_pretrained(tiny_en_dir)(clip, sampling_rate=16000, return_tensors="pt")
+    torch.testing.assert_close(log_mel_batch([clip])[0], hf.input_features[0], atol=2e-3, rtol=1e-3)
+
+
+@pytest.fixture(scope="module")
+def backend_outputs(tiny_en_dir, agree_items):
+    items, audios = agree_items
+    out = {}
+    for name in BACKENDS:
+        with open_backend(name, tiny_en_dir, DecodeOptions()) as backend:
+            out[name] = transcribe_audios(backend, audios, batch_size=8, progress=False).texts
+    return out
+
+
+def test_backends_agree_within_one_wer_point_on_sample(backend_outputs, agree_items):
+    items, _ = agree_items
+    refs = [it["text"] for it in items]
+    wers = {name: score_corpus(refs, hyps)["wer"] for name, hyps in backend_outputs.items()}
+    assert max(wers.values()) - min(wers.values()) <= 1.0, wers
+    assert wers["transformers"] < 80.0, wers  # tiny.en really transcribes the clips
+
+
+def test_batched_equals_one_at_a_time(tiny_en_dir, agree_items, backend_outputs):
+    _, audios = agree_items
+    with open_backend("transformers", tiny_en_dir, DecodeOptions()) as backend:
+        single = [backend.decode_short([a])[0] for a in audios[:3]]
+    assert single == backend_outputs["transformers"][:3]
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_long_audio_is_transcribed_in_full(tiny_en_dir, sample_items, name):
+    four = [sample_items[0], sample_items[40], sample_items[80], sample_items[119]]
+    picks = four * 2 + four[:2]
+    gap = np.zeros(8000, np.float32)
+    audio = np.concatenate([x for it in picks for x in (load_16k_mono(it["path"]), gap)])
+    assert len(audio) > 30 * 16000
+    with open_backend(name, tiny_en_dir, DecodeOptions()) as backend:
+        text = transcribe_audios(backend, [audio], batch_size=4, progress=False).texts[0]
+    ref = " ".join(it["text"] for it in picks)
+    scores = score_corpus([ref], [text])
+    assert scores["deletions"] < 0.2 * scores["ref_words"], (text, scores)  # nothing after 30 s is dropped
+    first_window = score_corpus([ref], [text[: len(text) // 3]])
+    assert scores["hits"] > first_window["hits"] + 15
+
+
+def test_open_backend_errors(tmp_path, tiny_random_dir):
+    with pytest.raises(DecodeError, match="evaluate.backend.*'whisperx'"):
+        open_backend("whisperx", tiny_random_dir)
+    with pytest.raises(CheckpointError, match="no config.json"):
+        open_backend("transformers", tmp_path)
+
+
+def test_transcribe_cli_prints_text_and_json(tiny_en_dir, sample_items, capsys, tmp_path):
+    paths = [str(sample_items[0]["path"]), str(sample_items[1]["path"])]
+    params = tmp_path / "none.yaml"
+    params.write_text("evaluate:\n  batch_size: 2\n")
+    assert cli_main(["transcribe", "--model", str(tiny_en_dir), "--params", str(params), "--json", *paths]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["file"] for r in results] == paths
+    refs = [it["text"] for it in sample_items[:2]]
+    assert score_corpus(refs, [r["text"] for r in results])["wer"] < 80.0
+    assert cli_main(["transcribe", "--model", str(tiny_en_dir), "--params", str(params), paths[0]]) == 0
+    assert capsys.readouterr().out.strip() == results[0]["text"]
+
+
+def test_transcribe_cli_reports_missing_audio(tiny_random_dir, capsys, tmp_path):
+    assert cli_main(["transcribe", "--model", str(tiny_random_dir), str(tmp_path / "nope.wav")]) == 1
+    assert "nope.wav" in capsys.readouterr().err
