@@ -30,10 +30,11 @@ def log_mel_batch(audios: Sequence[np.ndarray], n_mels: int = 80, device: str = 
     Same formula as ``whisper.log_mel_spectrogram`` (and HF's WhisperFeatureExtractor), but the
     dynamic-range clamp (max - 8) is taken per clip rather than over the whole batch.
     """
-    batch = torch.zeros(len(audios), N_SAMPLES, dtype=torch.float32)
+    padded = np.zeros((len(audios), N_SAMPLES), dtype=np.float32)
     for i, a in enumerate(audios):
         a = np.asarray(a, dtype=np.float32)[:N_SAMPLES]
-        batch[i, : a.shape[0]] = torch.from_numpy(a)
+        padded[i, : a.shape[0]] = a
+    batch = torch.from_numpy(padded)
     batch = batch.to(device)
     stft = torch.stft(batch, whisper.audio.N_FFT, whisper.audio.HOP_LENGTH, window=_window(str(device)),
                       return_complex=True)
