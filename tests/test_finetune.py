@@ -129,6 +129,10 @@ def test_resume_continues_from_last_checkpoint(run_a, tmp_path, tiny_random_dir,
     a, b = read_state_dict(tmp_a / "clients" / CLIENT), read_state_dict(tmp_path / "clients" / CLIENT)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert metrics["train_samples"] == full["train_samples"]
+    again = finetune(tmp_path, tiny_random_dir, prepared)  # re-run after a finished run: nothing left to train
+    assert again["resumed_from_step"] == 4 and again["global_step"] == 4
+    assert [s for s, _ in curve(tmp_path, "eval/wer")] == [4]  # the repeated final evaluation is not doubled
+    assert not (tmp_path / "metrics" / CLIENT / "metrics.json").exists()  # no DVCLive summary next to the curves
 
 
 def test_changed_params_do_not_resume_stale_checkpoints(tmp_path):
@@ -199,3 +203,28 @@ def test_launcher_command():
     assert launcher_command(tr, "s.py", [], env={})[:5] == [sys.executable, "-m", "torch.distributed.run",
                                                            "--nproc_per_node", "2"]
     assert launcher_command(tr, "s.py", [], env={"LOCAL_RANK": "0"}) is None  # already a launched worker
+
+
+def test_encoder_cache_gives_the_same_loss(tiny_random_dir, prepared):
+    from fedwhisper.data.prepared import load_split
+    from fedwhisper.train.collator import WhisperCollator, label_prefix
+    from fedwhisper.train.trainer import cache_encoder_outputs, encoder_is_constant, load_base
+
+    model, tok, _ = load_base(tiny_random_dir)
+    ft = FinetuneParams()
+    assert encoder_is_constant(model, ft)
+    assert not encoder_is_constant(model, dataclasses.replace(ft, spec_augment=True))
+    assert not encoder_is_constant(model, dataclasses.replace(ft, freeze_encoder=False))
+    train = load_split(prepared, CLIENT, "train")
+    cache = cache_encoder_outputs(model, train, batch_size=3)
+    assert sorted(cache) == sorted(train["id"]) and cache_encoder_outputs(model, train, 3, max_bytes=1) is None
+    prefix = label_prefix(tok, False, "en", "transcribe")
+    collate = WhisperCollator(tok, prefix, 50256, model.config.decoder_start_token_id)
+    rows = [train.with_format("numpy")[i] for i in (0, 5)]
+    plain = collate(rows)
+    collate.encoder_cache = cache
+    cached = collate(rows)
+    assert set(cached) == {"encoder_outputs", "labels"} and torch.equal(cached["labels"], plain["labels"])
+    with torch.no_grad():
+        a, b = model(**plain).loss, model(**cached).loss
+    assert a.item() == pytest.approx(b.item(), rel=1e-5)

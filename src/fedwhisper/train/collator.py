@@ -79,16 +79,24 @@ def pad_labels(labels: Sequence[Sequence[int]]) -> torch.Tensor:
 
 @dataclass
 class WhisperCollator:
-    """Rows with ``audio`` (16 kHz float32) and ``text`` -> ``{"input_features", "labels"}``."""
+    """Rows with ``audio`` (16 kHz float32) and ``text`` -> ``{"input_features", "labels"}``.
+
+    With ``encoder_cache`` (item id -> encoder output, see ``trainer.cache_encoder_outputs``) a batch whose ids are
+    all cached gets ``{"encoder_outputs", "labels"}`` instead, and the frozen encoder is not run again.
+    """
 
     tokenizer: object
     prefix: list[int]
     eot_id: int
     decoder_start_token_id: int
     num_mel_bins: int = 80
+    encoder_cache: Optional[dict[str, torch.Tensor]] = None
 
-    def __call__(self, rows: Sequence[dict]) -> dict[str, torch.Tensor]:
-        audio = [np.array(r["audio"], dtype=np.float32) for r in rows]  # a copy: memory-mapped rows are read-only
+    def __call__(self, rows: Sequence[dict]) -> dict:
         labels = [label_ids(self.tokenizer, str(r["text"]), self.prefix, self.eot_id) for r in rows]
-        labels = strip_decoder_start(labels, self.decoder_start_token_id)
-        return {"input_features": log_mel_batch(audio, self.num_mel_bins), "labels": pad_labels(labels)}
+        labels = pad_labels(strip_decoder_start(labels, self.decoder_start_token_id))
+        if self.encoder_cache is not None and all(str(r.get("id")) in self.encoder_cache for r in rows):
+            hidden = torch.stack([self.encoder_cache[str(r["id"])] for r in rows])
+            return {"encoder_outputs": (hidden,), "labels": labels}
+        audio = [np.array(r["audio"], dtype=np.float32) for r in rows]  # a copy: memory-mapped rows are read-only
+        return {"input_features": log_mel_batch(audio, self.num_mel_bins), "labels": labels}

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 SUMMARY_NAME = "training_summary.json"
 FINGERPRINT_NAME = "fingerprint.json"
+ENCODER_CACHE_MAX_BYTES = 4 << 30
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 # Seq2SeqTrainingArguments fields that a named finetune param sets; finetune.trainer may not set them.
@@ -167,6 +168,40 @@ def as_training_rows(ds):
     return ds.with_format("numpy", columns=["audio"], output_all_columns=True)
 
 
+def encoder_is_constant(model, ft: FinetuneParams) -> bool:
+    """A frozen encoder without dropout, layer drop or SpecAugment gives the same output for an item every epoch."""
+    c = model.config
+    drops = (c.dropout, c.attention_dropout, c.activation_dropout, c.encoder_layerdrop)
+    return ft.freeze_encoder and not ft.spec_augment and all(float(d or 0.0) == 0.0 for d in drops)
+
+
+def cache_encoder_outputs(model, ds, batch_size: int, max_bytes: int = ENCODER_CACHE_MAX_BYTES):
+    """Encoder output per item id, computed once (about half the work of a 2-epoch frozen-encoder run), or None
+    when the cache would exceed ``max_bytes``."""
+    from tqdm.auto import tqdm
+
+    from fedwhisper.decode.features import log_mel_batch
+
+    c = model.config
+    need = len(ds) * c.max_source_positions * c.d_model * 4
+    if need > max_bytes:
+        log.info("encoder cache would need %.1f GiB; running the frozen encoder every step instead", need / 2**30)
+        return None
+    device = str(next(model.parameters()).device)
+    cache: dict[str, torch.Tensor] = {}
+    was_training = model.training
+    model.eval()
+    rows = ds.with_format("numpy", columns=["audio"], output_all_columns=True)
+    with torch.no_grad():  # not inference_mode: the decoder's backward reads these tensors
+        for start in tqdm(range(0, len(ds), batch_size), desc="encoder cache", unit="batch"):
+            batch = rows[start : start + batch_size]
+            features = log_mel_batch([np.array(a, dtype=np.float32) for a in batch["audio"]], c.num_mel_bins, device)
+            hidden = model.model.encoder(features).last_hidden_state.float().cpu()
+            cache.update({str(i): h.clone() for i, h in zip(batch["id"], hidden)})
+    model.train(was_training)
+    return cache
+
+
 def wer_metric(tokenizer, normalizer: str) -> Callable:
     """``compute_metrics`` for generated ids: corpus WER/CER (percent) of decoded text against decoded labels."""
     from fedwhisper.decode.metrics import score_corpus
@@ -188,13 +223,18 @@ def wer_metric(tokenizer, normalizer: str) -> Callable:
 
 
 class DVCLiveCurves(TrainerCallback):
-    """Training loss, learning rate and validation WER per global step, as DVCLive plots (no dvc.yaml, no exp)."""
+    """Training loss, learning rate and validation WER per global step, as DVCLive plots.
+
+    Only the TSV curves under ``<dir>/plots/metrics/`` are written: no dvc.yaml (``dvc.yaml`` is kept by hand), no
+    DVC experiment, no summary (final figures go to ``metrics/finetune/<client>.json``).
+    """
 
     CURVES = {"loss": "train/loss", "learning_rate": "train/learning_rate", "eval_wer": "eval/wer"}
 
     def __init__(self, live_dir: Path):
         self.live_dir = Path(live_dir)
         self.live = None
+        self.last_step = 0
 
     def on_train_begin(self, args, state, control, **kwargs):
         if not state.is_world_process_zero or self.live is not None:
@@ -203,7 +243,7 @@ class DVCLiveCurves(TrainerCallback):
 
         resume = state.global_step > 0
         if resume:
-            drop_rows_after(self.live_dir / "plots" / "metrics", state.global_step)
+            tidy_curves(self.live_dir / "plots" / "metrics", state.global_step)
         self.live = Live(str(self.live_dir), resume=resume, report=None, save_dvc_exp=False, dvcyaml=None)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -211,23 +251,25 @@ class DVCLiveCurves(TrainerCallback):
             return
         for key, name in self.CURVES.items():
             if key in logs and logs[key] is not None:
-                self.live.step = state.global_step
+                self.live.step = self.last_step = state.global_step
                 self.live.log_metric(name, float(logs[key]))
 
     def close(self) -> None:
         if self.live is not None:
-            self.live.make_summary()
+            tidy_curves(self.live_dir / "plots" / "metrics", self.last_step)
             self.live = None
 
 
-def drop_rows_after(plots_dir: Path, step: int) -> None:
-    """On resume, forget curve points past the checkpoint's step (they are logged again)."""
+def tidy_curves(plots_dir: Path, max_step: int) -> None:
+    """Keep one point per step (the latest) up to ``max_step``: after a resume, the steps past the checkpoint are
+    trained (and logged) again."""
     for tsv in plots_dir.rglob("*.tsv"):
         lines = tsv.read_text(encoding="utf-8").splitlines(keepends=True)
         if not lines:
             continue
         col = lines[0].rstrip("\n").split("\t").index("step")
-        kept = [lines[0]] + [ln for ln in lines[1:] if int(ln.split("\t")[col]) <= step]
+        by_step = {int(ln.split("\t")[col]): ln for ln in lines[1:] if ln.strip()}
+        kept = [lines[0]] + [by_step[k] for k in sorted(by_step) if k <= max_step]
         tsv.write_text("".join(kept), encoding="utf-8")
 
 
@@ -334,7 +376,7 @@ def training_arguments(ft: FinetuneParams, output_dir: Path, evaluate_every: int
 
 
 def build_trainer(ft: FinetuneParams, model, tokenizer, multilingual: bool, train_ds, eval_ds, output_dir: Path,
-                  callbacks: Sequence = (), normalizer: str = "english"):
+                  callbacks: Sequence = (), normalizer: str = "english", cache_encoder: bool = True):
     """A ``Seq2SeqTrainer`` with our collator and generated-text WER; ``train_ds``/``eval_ds`` have audio + text."""
     from transformers import Seq2SeqTrainer
 
@@ -347,6 +389,8 @@ def build_trainer(ft: FinetuneParams, model, tokenizer, multilingual: bool, trai
         longest = max(len(label_ids(tokenizer, t, prefix, eot)) for t in eval_ds["text"])
         gen_max = min(gen_max, 2 * longest + 8)  # room for a model that over-generates, without 448-token stalls
     args = training_arguments(ft, output_dir, ft.eval_steps if eval_ds is not None else 0, gen_max)
+    if cache_encoder and encoder_is_constant(model, ft):
+        collator.encoder_cache = cache_encoder_outputs(model.to(args.device), train_ds, max(ft.batch_size, 8))
     return Seq2SeqTrainer(
         model=model,
         args=args,
