@@ -337,3 +337,40 @@ def test_peak_memory_is_a_few_tensors_not_n_models(tmp_path, pt, strategy, limit
     assert result["engine"] < limit * size, result
     if "naive" in result:  # the measurement can tell: loading everything shows up
         assert result["naive"] > 3 * size, result
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "pt"])
+def test_chunked_streaming_equals_whole_tensor_merge(tmp_path, four, monkeypatch, fmt):
+    """Tensors above CHUNK_ELEMENTS are merged in flat chunks read straight from the files (mmap pages of .pt
+    inputs released chunk by chunk): same result as whole tensors, same screening statistics."""
+    from fedwhisper.merge import engine
+
+    base, states, dirs = four
+    if fmt == "pt":
+        inputs = []
+        for i, s in enumerate(states):
+            inputs.append(tmp_path / f"p{i}.pt")
+            torch.save({"dims": DIMS, "model_state_dict": to_openai(s)}, inputs[-1])
+    else:
+        inputs = dirs
+    w = [0.1, 0.2, 0.3, 0.4]
+    out_whole, rep_whole = run(tmp_path, inputs, base=base, weights=w, strategy=Median())
+    monkeypatch.setattr(engine, "CHUNK_ELEMENTS", 1000)  # embed_tokens (6400 entries) -> 7 chunks, one partial
+    out_chunk, rep_chunk = run(tmp_path, inputs, base=base, weights=w, strategy=Median())
+    a, b = load_file(str(out_whole)), load_file(str(out_chunk))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert rep_chunk.l2_to_base == pytest.approx(rep_whole.l2_to_base, rel=1e-5)
+    assert rep_chunk.cosine_to_mean == pytest.approx(rep_whole.cosine_to_mean, rel=1e-5)
+    out_mean, _ = run(tmp_path, inputs, base=base, weights=w)
+    k = "model.decoder.embed_tokens.weight"
+    torch.testing.assert_close(load_file(str(out_mean))[k], sum(wi * s[k] for wi, s in zip(w, states)))
+
+
+def test_single_client_merge_is_the_client(tmp_path, four):
+    base, states, dirs = four
+    out, rep = run(tmp_path, dirs[:1], base=base)
+    merged = load_file(str(out))
+    for k in states[0]:
+        assert torch.equal(merged[k], states[0][k]), k
+    assert rep.cosine_to_mean == [pytest.approx(1.0)]

@@ -96,6 +96,10 @@ class CheckpointReader:
     def read(self, name: str) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def read_flat(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of the flattened tensor, as a 1-D tensor in private memory."""
+        return self.read(name).reshape(-1)[start:stop].clone()
+
     def sha256(self) -> str:
         return sha256_file(self.weight_files)
 
@@ -185,21 +189,30 @@ class SafetensorsReader(CheckpointReader):
                 except ValueError:
                     pass
 
-    def read(self, name: str) -> torch.Tensor:
-        fi, offset, nbytes, shape, dtype = self._loc[name]
+    def _pread(self, name: str, begin: int, nbytes: int) -> torch.Tensor:
+        fi, offset, _, _, _ = self._loc[name]
         out = torch.empty(nbytes, dtype=torch.uint8)
         view = memoryview(out.numpy())
         got = 0
         fd = self._fds[fi]
         while got < nbytes:
-            n = os.preadv(fd, [view[got:]], offset + got)
+            n = os.preadv(fd, [view[got:]], offset + begin + got)
             if n <= 0:
                 raise CheckpointError(
                     f"{self.weight_files[fi]}: tensor '{name}' ends past the end of the file (truncated?); "
                     "re-copy the checkpoint"
                 )
             got += n
-        return out.view(dtype).reshape(shape)
+        return out
+
+    def read(self, name: str) -> torch.Tensor:
+        _, _, nbytes, shape, dtype = self._loc[name]
+        return self._pread(name, 0, nbytes).view(dtype).reshape(shape)
+
+    def read_flat(self, name: str, start: int, stop: int) -> torch.Tensor:
+        _, _, _, _, dtype = self._loc[name]
+        size = torch.empty((), dtype=dtype).element_size()
+        return self._pread(name, start * size, (stop - start) * size).view(dtype)
 
     def close(self) -> None:
         for fd in self._fds:
@@ -214,13 +227,12 @@ _libc = None
 
 
 def _release_pages(t: torch.Tensor) -> None:
-    """Drop the (clean, file-backed) pages under a memory-mapped storage from this process's RSS."""
+    """Drop the (clean, file-backed) pages under a memory-mapped tensor from this process's RSS."""
     global _libc
     try:
         if _libc is None:
             _libc = ctypes.CDLL(None, use_errno=True)
-        storage = t.untyped_storage()
-        ptr, nbytes = storage.data_ptr(), storage.nbytes()
+        ptr, nbytes = t.data_ptr(), t.numel() * t.element_size()
         page = mmap.PAGESIZE
         start = ptr - ptr % page
         end = -(-(ptr + nbytes) // page) * page
@@ -294,8 +306,18 @@ class TorchReader(CheckpointReader):
         src = self._tensors[name]
         out = torch.empty(src.shape, dtype=src.dtype)
         out.copy_(src)
-        if self._mmap:
+        if self._mmap and src.is_contiguous():
             _release_pages(src)
+        return out
+
+    def read_flat(self, name: str, start: int, stop: int) -> torch.Tensor:
+        src = self._tensors[name]
+        if not src.is_contiguous():
+            return super().read_flat(name, start, stop)
+        part = src.reshape(-1)[start:stop]
+        out = part.clone()
+        if self._mmap:
+            _release_pages(part)
         return out
 
     def close(self) -> None:

@@ -4,6 +4,10 @@ Memory: the inputs are read one tensor at a time (see ``formats.checkpoints``), 
 safetensors file whose header is written first (shapes and dtypes are known up front), so peak memory is
 O(N x the largest tensor), not N models, and not even one whole output model.
 
+Elementwise strategies (all but TIES, whose top-k trim looks at a whole tensor) and the screening statistics work
+on flat chunks of ``CHUNK_ELEMENTS`` entries, read straight from the files, so their memory does not even grow with
+the largest tensor. Each input chunk is converted to the accumulator dtype once.
+
 Passes:
 - one pass when no decision needs whole-model statistics: merge, screening statistics and non-finite checks
   together;
@@ -86,6 +90,7 @@ class SafetensorsStreamWriter:
         self._f.write(struct.pack("<Q", len(header)))
         self._f.write(header)
         self._next = 0
+        self._written = 0
 
     def _header(self, metadata: dict[str, str]) -> bytes:
         body = {"__metadata__": dict(sorted(metadata.items())), **self._layout}
@@ -93,13 +98,20 @@ class SafetensorsStreamWriter:
         return raw + b" " * (-len(raw) % 8)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the whole tensor ``name``, or its next flat chunk; entries must come in order."""
+        if self._next >= len(self.entries):
+            raise MergeError(f"internal: writer got {name} after the last entry")
         expected_name, shape, dtype = self.entries[self._next]
-        if name != expected_name or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+        begin, end = self._layout[expected_name]["data_offsets"]
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+        if name != expected_name or tensor.dtype != dtype or self._written + data.nbytes > end - begin:
             raise MergeError(f"internal: writer expected {expected_name} {shape} {dtype}, "
                              f"got {name} {tuple(tensor.shape)} {tensor.dtype}")
-        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
         self._f.write(memoryview(data))
-        self._next += 1
+        self._written += data.nbytes
+        if self._written == end - begin:
+            self._next += 1
+            self._written = 0
 
     def finish(self, metadata: dict[str, str]) -> None:
         """Patch the final metadata into the header (same length) and close the file."""
@@ -229,18 +241,38 @@ def _nonfinite_error(reader: CheckpointReader, name: str, count: int) -> Checkpo
     )
 
 
+CHUNK_ELEMENTS = 1 << 22  # elementwise work goes in flat chunks of 4M entries (16 MiB per input in float32)
+
+
+def _ranges(numel: int, chunked: bool) -> list[tuple[int, int] | None]:
+    """Flat [start, stop) ranges of a tensor, or [None] for the whole tensor at once."""
+    if not chunked or numel <= CHUNK_ELEMENTS:
+        return [None]
+    return [(a, min(a + CHUNK_ELEMENTS, numel)) for a in range(0, numel, CHUNK_ELEMENTS)]
+
+
+def _read(reader: CheckpointReader, name: str, rng: tuple[int, int] | None, dtype: torch.dtype) -> torch.Tensor:
+    t = reader.read(name) if rng is None else reader.read_flat(name, *rng)
+    return t.to(dtype) if t.is_floating_point() else t
+
+
 def _stats_pass(names, readers, base, plan: MergePlan, pairwise: bool) -> ScreeningStats:
     stats = ScreeningStats(len(readers), with_base=base is not None, pairwise=pairwise,
                            dtype=plan.accumulate_dtype)
+    dt = plan.accumulate_dtype
     for name in tqdm(names, desc="screen", unit="tensor", leave=False):
-        b = base.read(name) if base is not None else None
-        if b is not None:
-            bad = count_nonfinite(b)
-            if bad:
-                raise _nonfinite_error(base, name, bad)
-        xs = [r.read(name) for r in readers]
-        stats.update(name, xs, b)
-        del xs, b
+        info = readers[0].info(name)
+        if not info.dtype.is_floating_point:
+            continue
+        for rng in _ranges(math.prod(info.shape), True):
+            b = _read(base, name, rng, dt) if base is not None else None
+            if b is not None:
+                bad = count_nonfinite(b)
+                if bad:
+                    raise _nonfinite_error(base, name, bad)
+            xs = [_read(r, name, rng, dt) for r in readers]
+            stats.update(name, xs, b)
+            del xs, b
     return stats
 
 
@@ -251,6 +283,18 @@ def merge_checkpoints(client_names: Sequence[str], readers: Sequence[CheckpointR
 
     ``metadata`` goes into the safetensors header; ``"fedwhisper.inputs"`` is added with every input's sha256.
     """
+    threads = torch.get_num_threads()
+    # The per-chunk ops are memory-bound and gain little from intra-op threads, while the sha256 thread wants a
+    # core of its own; on a busy machine OpenMP's spinning threads made them 5-25x slower (measured on 2 cores).
+    torch.set_num_threads(1)
+    try:
+        return _merge_checkpoints(client_names, readers, base, plan, out_file, metadata)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _merge_checkpoints(client_names, readers, base, plan: MergePlan, out_file: Path,
+                       metadata: dict[str, str]) -> MergeReport:
     t0 = time.perf_counter()
     _tune_malloc()
     n = len(readers)
@@ -272,6 +316,7 @@ def merge_checkpoints(client_names: Sequence[str], readers: Sequence[CheckpointR
     excluded = [False] * n
     selected: list[int] | None = None
     stats: ScreeningStats | None = None
+    dt = plan.accumulate_dtype
     try:
         if two_pass:
             stats = _stats_pass(names, readers, base, plan, pairwise=is_krum)
@@ -304,36 +349,36 @@ def merge_checkpoints(client_names: Sequence[str], readers: Sequence[CheckpointR
         writer = SafetensorsStreamWriter(out_file, entries, meta)
         try:
             if not two_pass:
-                stats = ScreeningStats(n, with_base=base is not None, dtype=plan.accumulate_dtype)
+                stats = ScreeningStats(n, with_base=base is not None, dtype=dt)
             n_params = 0
             for (name, shape, out_dtype) in tqdm(entries, desc=f"merge ({strategy.name})", unit="tensor",
                                                  leave=False):
                 w_all = plan.weights_for(name, weights, module_weights)
-                b = base.read(name) if base is not None and (strategy.needs_base or not two_pass) else None
-                first = readers[0].info(name).dtype
-                if not first.is_floating_point:
-                    merged = _copy_equal(name, readers, excluded)
-                elif not two_pass:
-                    xs = [r.read(name) for r in readers]
-                    if b is not None:
-                        bad = count_nonfinite(b)
-                        if bad:
+                idx = [i for i in range(n) if w_all[i] > 0]
+                if not readers[0].info(name).dtype.is_floating_point:
+                    writer.write(name, _copy_equal(name, readers, excluded))
+                    n_params += math.prod(shape)
+                    continue
+                for rng in _ranges(math.prod(shape), strategy.elementwise):
+                    read_base = base is not None and (strategy.needs_base or not two_pass)
+                    b = _read(base, name, rng, dt) if read_base else None
+                    if not two_pass:  # screening statistics and non-finite checks in the same pass
+                        if b is not None and (bad := count_nonfinite(b)):
                             raise _nonfinite_error(base, name, bad)
-                    counts = stats.update(name, xs, b)
-                    for i, c in enumerate(counts):
-                        if c and w_all[i] > 0:
-                            raise _nonfinite_error(readers[i], name, c)
-                    idx = [i for i in range(n) if w_all[i] > 0]
-                    merged = _merge_one(strategy, [xs[i] for i in idx], [w_all[i] for i in idx], b, name, plan)
-                    del xs
-                else:
-                    idx = [i for i in range(n) if w_all[i] > 0]
-                    xs = [readers[i].read(name) for i in idx]
-                    merged = _merge_one(strategy, xs, [w_all[i] for i in idx], b, name, plan)
-                    del xs
-                writer.write(name, merged.to(out_dtype))
-                n_params += merged.numel()
-                del merged, b
+                        xs = [_read(r, name, rng, dt) for r in readers]
+                        counts = stats.update(name, xs, b)
+                        for i in idx:
+                            if counts[i]:
+                                raise _nonfinite_error(readers[i], name, counts[i])
+                        xs = [xs[i] for i in idx]
+                    else:
+                        xs = [_read(readers[i], name, rng, dt) for i in idx]
+                    merged = _merge_one(strategy, xs, [w_all[i] for i in idx], b, name, plan,
+                                        0 if rng is None else rng[0])
+                    del xs, b
+                    writer.write(name, merged.to(out_dtype))
+                    n_params += merged.numel()
+                    del merged
             sha = {k: f.result() for k, f in hashes.items()}
             meta["fedwhisper.inputs"] = json.dumps(sha, sort_keys=True)
             writer.finish(meta)
@@ -389,7 +434,7 @@ def _copy_equal(name: str, readers: Sequence[CheckpointReader], excluded: Sequen
 
 
 def _merge_one(strategy: Strategy, xs: list[torch.Tensor], w: list[float], base: torch.Tensor | None,
-               name: str, plan: MergePlan) -> torch.Tensor:
+               name: str, plan: MergePlan, offset: int = 0) -> torch.Tensor:
     if not xs:
         if base is not None:  # every client has weight 0 for this module: keep the base
             return base
@@ -397,5 +442,5 @@ def _merge_one(strategy: Strategy, xs: list[torch.Tensor], w: list[float], base:
                          "give at least one client a positive weight for it")
     total = math.fsum(w)
     w = [wi / total for wi in w]
-    ctx = TensorContext(name=name, dtype=plan.accumulate_dtype, seed=plan.seed)
+    ctx = TensorContext(name=name, dtype=plan.accumulate_dtype, seed=plan.seed, offset=offset)
     return strategy.merge(xs, w, base, ctx)

@@ -28,10 +28,12 @@ class TensorContext:
     name: str = ""
     dtype: torch.dtype = torch.float32
     seed: int = 0
+    offset: int = 0  # flat index of the first entry when the engine passes a chunk of the tensor
 
     def generator(self, client: int) -> torch.Generator:
-        """A generator seeded from (seed, tensor name, client): the same drops whatever order tensors come in."""
-        digest = hashlib.sha256(f"{self.seed}\0{self.name}\0{client}".encode()).digest()
+        """A generator seeded from (seed, tensor name, chunk offset, client): the same drops whatever order the
+        tensors come in."""
+        digest = hashlib.sha256(f"{self.seed}\0{self.name}\0{self.offset}\0{client}".encode()).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
@@ -53,8 +55,8 @@ def normalise_weights(weights: Sequence[float], n: int, key: str = "aggregation.
 
 def weighted_sum(xs: Sequence[torch.Tensor], w: Sequence[float], dtype: torch.dtype) -> torch.Tensor:
     """sum_i w_i x_i, accumulated in ``dtype`` one client at a time (inputs are cast on the fly)."""
-    acc = torch.zeros(xs[0].shape, dtype=dtype)
-    for x, wi in zip(xs, w):
+    acc = torch.mul(xs[0], w[0]) if xs[0].dtype == dtype else torch.mul(xs[0].to(dtype), w[0])
+    for x, wi in zip(xs[1:], w[1:]):
         acc.add_(x, alpha=wi)
     return acc
 
@@ -100,6 +102,7 @@ class Strategy:
     name: ClassVar[str] = ""
     needs_base: ClassVar[bool] = False
     uses_weights: ClassVar[bool] = True
+    elementwise: ClassVar[bool] = True  # output entry k depends only on entry k of the inputs (chunkable)
 
     def merge(self, xs: Sequence[torch.Tensor], w: Sequence[float], base: torch.Tensor | None,
               ctx: TensorContext) -> torch.Tensor:  # pragma: no cover - abstract
@@ -152,6 +155,7 @@ class Ties(Strategy):
 
     name: ClassVar[str] = "ties"
     needs_base: ClassVar[bool] = True
+    elementwise: ClassVar[bool] = False  # the top-k trim ranks a whole tensor
     density: float = 0.5
     lambda_: float = 1.0
 
