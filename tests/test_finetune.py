@@ -228,3 +228,19 @@ def test_encoder_cache_gives_the_same_loss(tiny_random_dir, prepared):
     with torch.no_grad():
         a, b = model(**plain).loss, model(**cached).loss
     assert a.item() == pytest.approx(b.item(), rel=1e-5)
+
+
+def test_wandb_is_optional(monkeypatch):
+    import importlib.util
+
+    from fedwhisper.train.trainer import report_to
+
+    real_find_spec = importlib.util.find_spec
+    assert report_to(False) == []
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "wandb" else real_find_spec(name))
+    monkeypatch.setenv("WANDB_API_KEY", "x")
+    assert report_to(True) == []  # not installed: DVCLive only, no error
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name == "wandb" else real_find_spec(name))
+    assert report_to(True) == ["wandb"]
+    monkeypatch.delenv("WANDB_API_KEY")
+    assert report_to(True) == []  # installed but no key

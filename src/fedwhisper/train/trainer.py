@@ -244,7 +244,11 @@ class DVCLiveCurves(TrainerCallback):
         resume = state.global_step > 0
         if resume:
             tidy_curves(self.live_dir / "plots" / "metrics", state.global_step)
-        self.live = Live(str(self.live_dir), resume=resume, report=None, save_dvc_exp=False, dvcyaml=None)
+        try:
+            self.live = Live(str(self.live_dir), resume=resume, report=None, save_dvc_exp=False, dvcyaml=None)
+        except Exception as exc:  # e.g. scmrepo's "Empty git repo": lose the curves, not the training run
+            log.warning("DVCLive could not start in %s (%s: %s); training curves are not logged; "
+                        "commit once (git commit) to fix", self.live_dir, type(exc).__name__, exc)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.live is None or not logs:
