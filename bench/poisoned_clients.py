@@ -84,10 +84,18 @@ def merge(params, inputs: list[Path], names: list[str], base: Path, out: Path, s
     return out
 
 
-def file_sha(path: Path) -> str:
-    from fedwhisper.formats.checkpoints import sha256_file
+def weights_digest(path: Path) -> str:
+    """sha256 of a safetensors file's tensor bytes, without the header (whose metadata names every input)."""
+    import struct
 
-    return sha256_file(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        h.update(f.read(n).split(b'"__metadata__"')[0])  # tensor names, dtypes, shapes, offsets
+        f.seek(8 + n)
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def build_clients(args, work: Path) -> tuple[list[str], dict[str, list[Path]]]:
@@ -121,6 +129,22 @@ def build_clients(args, work: Path) -> tuple[list[str], dict[str, list[Path]]]:
     return names, sets
 
 
+def subset_prepared(root: Path, per_client: int, out: Path) -> Path:
+    """A prepared root holding the first ``per_client`` test rows (by id) of every client, for a quicker run."""
+    from fedwhisper.data.prepared import iter_split_arrays, list_clients, load_split, write_manifest, write_split
+
+    if out.exists():
+        shutil.rmtree(out)
+    counts = {}
+    for client in list_clients(root):
+        durations = load_split(root, client, "test")["duration_s"][:per_client]
+        rows = ({"id": i, "client": client, "text": t, "audio": a.copy(), "duration_s": d}
+                for (i, t, a), d in zip(iter_split_arrays(root, client, "test"), durations))
+        counts[client] = {"test": write_split(out / client / "test.arrow", rows)}
+    write_manifest(out, counts, list(counts))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", default="params.yaml", type=Path)
@@ -137,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--per-client", type=int, help="evaluate on the first N test rows (by id) of each client only")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--work", type=Path, default=Path("/tmp/fedwhisper-poison"))
     ap.add_argument("--json", type=Path, help="also write the results here")
@@ -150,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     params = load_params(args.params)
     names, sets = build_clients(args, work)
+    prepared = subset_prepared(args.prepared, args.per_client, work / "prepared") if args.per_client else args.prepared
     ev = EvaluateParams(**{**{k: getattr(params.evaluate, k) for k in ("backend", "beam_size", "language", "task",
                                                                        "max_new_tokens", "normalizer")},
                            "batch_size": args.batch_size, "device": args.device})
@@ -158,10 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     for variant in args.variants:
         for strategy in args.strategies:
             out = merge(params, sets[variant], names, args.base, work / "merged" / f"{variant}-{strategy}", strategy)
-            digest = file_sha(out / "model.safetensors")
+            digest = weights_digest(out / "model.safetensors")
             if digest not in by_hash:
                 m = evaluate_model(out, f"{variant}-{strategy}", ev, out_dir=work / "eval",
-                                   prepared_root=args.prepared)
+                                   prepared_root=prepared)
                 by_hash[digest] = float(m["wer"])
             wer[(variant, strategy)] = by_hash[digest]
             print(f"{variant:9s} {strategy:13s} WER {wer[(variant, strategy)]:.2f}", file=sys.stderr, flush=True)
@@ -174,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {strategy} | " + " | ".join(cells) + f" | {delta:+.2f} |")
     table = "\n".join(lines)
     print(table)
-    print(f"\nclients: {', '.join(names)}; pooled test split of {args.prepared}; "
+    print(f"\nclients: {', '.join(names)}; pooled test split of {prepared}; "
           f"random scale {args.random_scale}, flip scale {args.flip_scale}; "
           f"{len(by_hash)} distinct models decoded in {time.perf_counter() - t0:.0f} s")
     if args.json:

@@ -1,7 +1,7 @@
 """Run a real stage script with a pause injected at a chosen point, so a test can SIGKILL it exactly there.
 
     python pause_hook.py aggregate-write MARKER N -- stages/aggregate.py ARGS...
-        pause after the merge engine has streamed N tensors into its temporary output file
+        pause after the merge engine's N-th write (a tensor or a chunk of one) into its temporary output file
     python pause_hook.py finetune-step MARKER N -- stages/finetune.py ARGS...
         pause at the end of optimizer step N (after the Trainer's checkpoints up to step N-1 are on disk)
 
@@ -28,12 +28,16 @@ def _hook_aggregate_write(marker: Path, n: int) -> None:
     from fedwhisper.merge import engine
 
     original = engine.SafetensorsStreamWriter.write
+    calls = [0]
 
     def write(self, name, tensor):
         original(self, name, tensor)
-        self._f.flush()
-        if self._next == n:
-            _pause(marker, f"{self.path}\n{self._next}/{len(self.entries)}")
+        calls[0] += 1
+        if calls[0] == n:
+            f = getattr(self, "_f", None)
+            if f is not None:
+                f.flush()
+            _pause(marker, f"{self.path}\n{name}")
 
     engine.SafetensorsStreamWriter.write = write
 
