@@ -2,13 +2,12 @@
 
 import argparse
 import logging
-import subprocess
 import sys
 from pathlib import Path
 
 from fedwhisper.errors import FedWhisperError
 from fedwhisper.params import load_params
-from fedwhisper.train.launch import launcher_command
+from fedwhisper.train.launch import launcher_command, run_launched
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params)
         command = launcher_command(params.finetune, __file__, argv)
         if command is not None:
-            return subprocess.run(command, check=False).returncode
+            return run_launched(command)
         from fedwhisper.train.trainer import run_finetune
 
         run_finetune(params.finetune, args.client, base_dir=args.base, data_root=args.data, out_root=args.out,

@@ -203,6 +203,25 @@ def test_launcher_command():
     assert launcher_command(tr, "s.py", [], env={})[:5] == [sys.executable, "-m", "torch.distributed.run",
                                                            "--nproc_per_node", "2"]
     assert launcher_command(tr, "s.py", [], env={"LOCAL_RANK": "0"}) is None  # already a launched worker
+    assert launcher_command(acc, "s.py", [], env={"FEDWHISPER_LAUNCHED": "1"}) is None  # 1-process accelerate worker
+
+
+def test_accelerate_launch_runs_once(tmp_path, tiny_random_dir, prepared):
+    """The stage under `accelerate launch` (one CPU process) trains once and does not launch itself again."""
+    import subprocess
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    params = {"clients": [CLIENT], "finetune": {**FAST, "max_steps": 1, "launcher": "accelerate", "num_processes": 1}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    cmd = [sys.executable, str(root / "stages" / "finetune.py"), "--client", CLIENT, "--params", "params.yaml",
+           "--base", str(tiny_random_dir), "--data", str(prepared), "--out", "clients", "--checkpoints", "ck",
+           "--metrics", "m"]
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("LOCAL_RANK", "WORLD_SIZE", "FEDWHISPER_LAUNCHED")}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("finetune c1:") == 1
+    assert json.loads((tmp_path / "m" / f"{CLIENT}.json").read_text())["global_step"] == 1
 
 
 def test_encoder_cache_gives_the_same_loss(tiny_random_dir, prepared):

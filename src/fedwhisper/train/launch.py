@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import os
 import shlex
+import subprocess
 import sys
 from typing import Optional, Sequence
 
 from fedwhisper.params import FinetuneParams
 
 LAUNCH_ARGS_ENV = "FEDWHISPER_LAUNCH_ARGS"
-# Set by accelerate launch and torchrun in every worker; their presence means we are already launched.
-_WORKER_ENV = ("LOCAL_RANK", "ACCELERATE_PROCESS_ID", "WORLD_SIZE")
+LAUNCHED_ENV = "FEDWHISPER_LAUNCHED"
+# Set in every launched worker (by us, or by torchrun / a multi-process accelerate launch): do not launch again.
+# accelerate launch with one process sets none of the launcher variables, hence our own marker.
+_WORKER_ENV = (LAUNCHED_ENV, "LOCAL_RANK", "WORLD_SIZE")
 
 
 def launched() -> bool:
@@ -38,3 +41,8 @@ def launcher_command(ft: FinetuneParams, script: str, argv: Sequence[str], env: 
     else:
         head = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", n]
     return [*head, *extra, script, *argv]
+
+
+def run_launched(command: Sequence[str]) -> int:
+    """Run a launcher command with the marker that stops the workers from launching again; its exit status."""
+    return subprocess.run(list(command), check=False, env={**os.environ, LAUNCHED_ENV: "1"}).returncode

@@ -374,6 +374,7 @@ def training_arguments(ft: FinetuneParams, output_dir: Path, evaluate_every: int
         generation_max_length=generation_max_length,
         remove_unused_columns=False,
         dataloader_pin_memory=cuda,
+        ddp_find_unused_parameters=False,  # frozen parameters are not registered with DDP; every other one is used
     )
     kwargs.update(check_trainer_overrides(ft.trainer))
     return Seq2SeqTrainingArguments(**kwargs)
