@@ -5,7 +5,10 @@ parameters, 1.6 GB each at --scale 1), then, in one run and in fresh processes e
 
 - read:  ``cat`` every input (4 clients + base) to /dev/null: the time to read each input once;
 - ours:  the streaming engine (uniform mean, with the base: screening statistics and sha256 of every input);
-- naive: load every client fully (``safetensors.torch.load_file``), average in fp32, ``save_file``.
+- naive: load every client fully (``safetensors.torch.load_file``), average in fp32, ``save_file``;
+- with --breakdown: ours without the base (no screening statistics) and the sha256 of every input alone.
+
+Every child runs torch with one intra-op thread, as the engine does.
 
 Peak RSS is each process's VmHWM. Prints medians over --repeats and the ratios; targets: our peak RSS <= 1.3 x one
 checkpoint and our wall time <= 2 x the read time.
@@ -40,14 +43,18 @@ mode, out, base, *clients = sys.argv[1:]
 import torch
 torch.set_num_threads(1)  # as the engine does; OpenMP threads spin badly on a shared 2-core machine
 t0 = time.perf_counter()
-if mode == "ours":
+if mode in ("ours", "ours_nobase"):
     from fedwhisper.formats.checkpoints import open_checkpoint
     from fedwhisper.merge.engine import MergePlan, merge_checkpoints
     from fedwhisper.merge.strategies import make_strategy
     readers = [open_checkpoint(c) for c in clients]
     plan = MergePlan(strategy=make_strategy("mean"), weights=[1 / len(clients)] * len(clients))
-    merge_checkpoints([f"c{i}" for i in range(len(clients))], readers, open_checkpoint(base), plan, out,
-                      {"format": "pt"})
+    merge_checkpoints([f"c{i}" for i in range(len(clients))], readers,
+                      open_checkpoint(base) if mode == "ours" else None, plan, out, {"format": "pt"})
+elif mode == "hash":
+    from fedwhisper.formats.checkpoints import sha256_file
+    for path in [base, *clients]:
+        sha256_file(path)
 else:
     from safetensors.torch import load_file, save_file
     states = [load_file(c) for c in clients]
@@ -134,6 +141,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, help="where the synthetic checkpoints go (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
     ap.add_argument("--no-naive", action="store_true", help="skip the naive baseline (it needs ~6x RAM)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time ours without the base (no screening) and the sha256 of the inputs alone")
     args = ap.parse_args()
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="fedwhisper-bench-", dir="."))
@@ -154,10 +163,13 @@ def main() -> None:
         if naive and psutil.virtual_memory().available < 7 * size:
             print(f"skipping naive: {psutil.virtual_memory().available / 1e9:.1f} GB available < 7 x checkpoint")
             naive = False
-        rows: dict[str, list[dict]] = {"read": [], "ours": [], "naive": []}
+        rows: dict[str, list[dict]] = {"read": [], "ours": [], "naive": [], "ours_nobase": [], "hash": []}
         for _ in tqdm(range(args.repeats), desc="rounds", unit="round"):
             rows["read"].append({"seconds": read_all([base, *clients])})
             rows["ours"].append(run_child("ours", work / "ours.safetensors", base, clients))
+            if args.breakdown:
+                rows["ours_nobase"].append(run_child("ours_nobase", work / "ours.safetensors", base, clients))
+                rows["hash"].append(run_child("hash", work / "unused", base, clients))
             if naive:
                 rows["naive"].append(run_child("naive", work / "naive.safetensors", base, clients))
 
@@ -173,6 +185,9 @@ def main() -> None:
         if rows["naive"]:
             print(f"  naive               {med('naive', 'seconds'):8.2f} s  (process "
                   f"{med('naive', 'process_wall'):.2f} s)  peak RSS {med('naive', 'peak_rss') / 1e9:6.2f} GB")
+        if rows["hash"]:
+            print(f"  breakdown: ours without base (no screening, 4 hashes)  {med('ours_nobase', 'seconds'):8.2f} s;"
+                  f"  sha256 of the 5 inputs alone {med('hash', 'seconds'):8.2f} s")
         print("ratios:")
         print(f"  ours peak RSS / one checkpoint = {ours_rss / size:.2f}   (target <= 1.3)")
         print(f"  ours wall / read time          = {ours_s / read_s:.2f}   (target <= 2.0)")

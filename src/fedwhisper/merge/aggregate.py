@@ -93,10 +93,10 @@ def train_samples(path: Path, name: str, manifest: Path | None) -> int | None:
         n = json.loads(summary.read_text()).get("train_samples")
         if isinstance(n, int):
             return n
-    if path.is_file() and path.suffix == ".safetensors" or (path / "model.safetensors").is_file():
+    file = path if path.is_file() else path / "model.safetensors"
+    if file.suffix == ".safetensors" and file.is_file():
         from safetensors import safe_open
 
-        file = path if path.is_file() else path / "model.safetensors"
         try:
             with safe_open(str(file), framework="pt") as f:
                 meta = f.metadata() or {}

@@ -49,11 +49,10 @@ _MALLOC_TUNED = False
 
 
 def _tune_malloc() -> None:
-    """Serve buffers >= 1 MiB with mmap and give them back on free (glibc ``M_MMAP_THRESHOLD``).
-
-    glibc otherwise raises its mmap threshold after the first large free, and later tensor buffers land in the
-    heap, where fragmentation keeps freed tensors resident; the streaming engine frees one batch per tensor name.
-    """
+    """Fix glibc's mmap threshold at 32 MiB and keep freed heap: the per-chunk buffers (<= 16 MiB) are then
+    reused from the heap instead of being mapped and zero-filled afresh for every chunk, and whole tensors above
+    32 MiB (TIES) are mapped and returned to the system on free. (glibc otherwise moves the threshold after the
+    first large free, and fragmentation keeps freed whole tensors resident.)"""
     global _MALLOC_TUNED
     if _MALLOC_TUNED:
         return
@@ -61,7 +60,9 @@ def _tune_malloc() -> None:
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: chunk buffers (<= 16 MiB) are reused from the heap
+        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD: keep freed heap for the next chunk (no page faults)
     except (OSError, AttributeError):  # not glibc: keep the allocator's defaults
         pass
 
@@ -366,15 +367,16 @@ def _merge_checkpoints(client_names, readers, base, plan: MergePlan, out_file: P
                         if b is not None and (bad := count_nonfinite(b)):
                             raise _nonfinite_error(base, name, bad)
                         xs = [_read(r, name, rng, dt) for r in readers]
-                        counts = stats.update(name, xs, b)
+                        merged = _merge_one(strategy, [xs[i] for i in idx], [w_all[i] for i in idx], b, name,
+                                            plan, 0 if rng is None else rng[0])
+                        counts = stats.update(name, xs, b)  # consumes xs (deltas in place), after the merge
                         for i in idx:
                             if counts[i]:
                                 raise _nonfinite_error(readers[i], name, counts[i])
-                        xs = [xs[i] for i in idx]
                     else:
                         xs = [_read(readers[i], name, rng, dt) for i in idx]
-                    merged = _merge_one(strategy, xs, [w_all[i] for i in idx], b, name, plan,
-                                        0 if rng is None else rng[0])
+                        merged = _merge_one(strategy, xs, [w_all[i] for i in idx], b, name, plan,
+                                            0 if rng is None else rng[0])
                     del xs, b
                     writer.write(name, merged.to(out_dtype))
                     n_params += merged.numel()

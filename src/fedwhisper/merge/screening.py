@@ -57,19 +57,14 @@ class ScreeningStats:
             self.dist2 = np.zeros((self.n, self.n))
 
     def update(self, name: str, xs: Sequence[torch.Tensor], base: torch.Tensor | None) -> list[int]:
-        """Add one tensor's contribution; returns this tensor's non-finite count per client."""
+        """Add one tensor's (or chunk's) contribution; returns its non-finite count per client.
+
+        ``xs`` must already be in ``self.dtype`` and are consumed: they are overwritten with the deltas in place.
+        """
         if not xs[0].is_floating_point():
             return [0] * len(xs)
-        dt = self.dtype
-        if self.with_base and base is not None:
-            # Fast path: a finite ||tau_i||^2 proves x_i finite (the base was checked), so no separate count pass.
-            b = base.to(dt)
-            counts = self._accumulate_deltas(xs, b, [0] * len(xs))
-            if counts is None:  # some client is not finite here: count exactly, then redo without it
-                counts = [count_nonfinite(x) for x in xs]
-                self._accumulate_deltas(xs, b, counts)
-        else:
-            counts = [count_nonfinite(x) for x in xs]
+        # A finite <x, x> (BLAS, no temporary) proves x finite; count exactly only when it is not.
+        counts = [0 if math.isfinite(_dot(x, x)) else count_nonfinite(x) for x in xs]
         for i, c in enumerate(counts):
             if c:
                 self.nonfinite[i] += c
@@ -78,34 +73,22 @@ class ScreeningStats:
         if self.pairwise and self.dist2 is not None:
             for i in range(len(xs)):
                 for j in range(i + 1, len(xs)):
-                    d = xs[i].to(dt) - xs[j]
+                    d = xs[i] - xs[j]
                     v = _dot(d, d)
                     self.dist2[i, j] += v
                     self.dist2[j, i] += v
-        return counts
-
-    def _accumulate_deltas(self, xs, b, counts) -> list[int] | None:
-        """Add ||tau_i||^2, <tau_i, tau_bar> and ||tau_bar||^2 (tau_bar over the clients with counts[i] == 0).
-        Returns None, adding nothing, when an assumed-finite client turns out not to be."""
-        finite = [x for x, c in zip(xs, counts) if not c] or list(xs)
-        mean = torch.add(finite[0].to(b.dtype), finite[1], alpha=1.0) if len(finite) > 1 \
-            else finite[0].to(b.dtype, copy=True)
-        for x in finite[2:]:
-            mean.add_(x)
-        mean.mul_(1.0 / len(finite)).sub_(b)
-        norm2, dots = [], []
-        for x, c in zip(xs, counts):
-            tau = x.to(b.dtype) - b
-            n2 = _dot(tau, tau)
-            if not c and not math.isfinite(n2) and not any(counts):
-                return None
-            norm2.append(n2)
-            dots.append(_dot(tau, mean))
-            del tau
-        self.mean_norm2 += _dot(mean, mean)
-        for i in range(len(xs)):
-            self.norm2[i] += norm2[i]
-            self.dot_mean[i] += dots[i]
+        if self.with_base and base is not None:
+            b = base if base.dtype == self.dtype else base.to(self.dtype)
+            finite = [x for x, c in zip(xs, counts) if not c] or list(xs)
+            mean = torch.add(finite[0], finite[1]) if len(finite) > 1 else finite[0].clone()
+            for x in finite[2:]:
+                mean.add_(x)
+            mean.mul_(1.0 / len(finite)).sub_(b)
+            for i, x in enumerate(xs):
+                tau = x.sub_(b)  # in place: the caller is done with x
+                self.norm2[i] += _dot(tau, tau)
+                self.dot_mean[i] += _dot(tau, mean)
+            self.mean_norm2 += _dot(mean, mean)
         return counts
 
     @property
