@@ -65,7 +65,8 @@ Path("metrics/check.json").write_text(json.dumps(out, indent=2) + "\\n")
 
 def sh(cmd: list[str], cwd: Path, timeout: int = 180) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (
+        f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc.stdout
 
 

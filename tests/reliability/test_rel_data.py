@@ -215,7 +215,8 @@ def test_client_left_with_no_usable_sample_is_named_and_old_output_is_kept(tmp_p
     rows.append(("train/b0.wav", "b"))
     rows.append((clip(corpus / "train", "b1", tone(0.3, RATE), RATE, "   "), "b"))
     write_metadata(corpus, rows)
-    with pytest.raises(DataError, match=r"client 'b' \(listed in params.yaml `clients:`\) has no usable training items"):
+    with pytest.raises(DataError, match=r"client 'b' \(listed in params.yaml `clients:`\) has no usable training "
+                                        r"items"):
         run_prepare(params_for(corpus, clients=("a", "b")), count_words, out, metrics)
     assert tree_bytes(out) == before  # the previous prepared data is untouched
     assert not list(tmp_path.glob("prepared.tmp-*")) and not list(tmp_path.glob("prepared.old-*"))
