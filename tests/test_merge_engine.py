@@ -377,3 +377,20 @@ def test_single_client_merge_is_the_client(tmp_path, four):
     for k in states[0]:
         assert torch.equal(merged[k], states[0][k]), k
     assert rep.cosine_to_mean == [pytest.approx(1.0)]
+
+
+def test_chunked_two_pass_krum_and_exclusion_match_whole_tensors(tmp_path, four, base_state, monkeypatch):
+    from fedwhisper.merge import engine
+
+    base, states, dirs = four
+    noisy = write_hf(tmp_path / "noisy", variant(base_state, 99, scale=1.0))
+    results = []
+    for chunk in (engine.CHUNK_ELEMENTS, 1000):
+        monkeypatch.setattr(engine, "CHUNK_ELEMENTS", chunk)
+        out_k, rep_k = run(tmp_path, dirs + [noisy], base=base, strategy=Krum(f=1, m=None))
+        out_x, rep_x = run(tmp_path, dirs + [noisy], base=base, exclude=True)
+        results.append((load_file(str(out_k)), rep_k.selected, load_file(str(out_x)), rep_x.excluded))
+    (k1, sel1, x1, ex1), (k2, sel2, x2, ex2) = results
+    assert sel1 == sel2 and 4 not in sel1 and ex1 == ex2 == [False] * 4 + [True]
+    for k in k1:
+        assert torch.equal(k1[k], k2[k]) and torch.equal(x1[k], x2[k]), k
