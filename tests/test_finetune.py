@@ -249,6 +249,24 @@ def test_encoder_cache_gives_the_same_loss(tiny_random_dir, prepared):
     assert a.item() == pytest.approx(b.item(), rel=1e-5)
 
 
+def test_encoder_cache_gives_the_same_validation_wer(tmp_path, tiny_random_dir, prepared):
+    from fedwhisper.data.prepared import load_split
+    from fedwhisper.train.trainer import build_trainer, load_base
+
+    ft = FinetuneParams(**FAST)
+    train, val = load_split(prepared, CLIENT, "train"), load_split(prepared, CLIENT, "validation")
+    scores = []
+    for cache in (False, True):
+        model, tok, ml = load_base(tiny_random_dir)
+        trainer = build_trainer(ft, model, tok, ml, train, val, tmp_path / str(cache), cache_encoder=cache)
+        assert (trainer.data_collator.encoder_cache is not None) == cache
+        if cache:
+            assert set(val["id"]) <= set(trainer.data_collator.encoder_cache)
+        scores.append(trainer.evaluate())
+    assert scores[0]["eval_wer"] == scores[1]["eval_wer"]
+    assert scores[0]["eval_loss"] == pytest.approx(scores[1]["eval_loss"], rel=1e-5)
+
+
 def test_wandb_is_optional(monkeypatch):
     import importlib.util
 

@@ -96,7 +96,9 @@ class WhisperCollator:
         labels = [label_ids(self.tokenizer, str(r["text"]), self.prefix, self.eot_id) for r in rows]
         labels = pad_labels(strip_decoder_start(labels, self.decoder_start_token_id))
         if self.encoder_cache is not None and all(str(r.get("id")) in self.encoder_cache for r in rows):
+            from transformers.modeling_outputs import BaseModelOutput
+
             hidden = torch.stack([self.encoder_cache[str(r["id"])] for r in rows])
-            return {"encoder_outputs": (hidden,), "labels": labels}
+            return {"encoder_outputs": BaseModelOutput(last_hidden_state=hidden), "labels": labels}
         audio = [np.array(r["audio"], dtype=np.float32) for r in rows]  # a copy: memory-mapped rows are read-only
         return {"input_features": log_mel_batch(audio, self.num_mel_bins), "labels": labels}

@@ -395,7 +395,12 @@ def build_trainer(ft: FinetuneParams, model, tokenizer, multilingual: bool, trai
         gen_max = min(gen_max, 2 * longest + 8)  # room for a model that over-generates, without 448-token stalls
     args = training_arguments(ft, output_dir, ft.eval_steps if eval_ds is not None else 0, gen_max)
     if cache_encoder and encoder_is_constant(model, ft):
-        collator.encoder_cache = cache_encoder_outputs(model.to(args.device), train_ds, max(ft.batch_size, 8))
+        to_cache = train_ds
+        if eval_ds is not None and not set(map(str, eval_ds["id"])) & set(map(str, train_ds["id"])):
+            import datasets
+
+            to_cache = datasets.concatenate_datasets([train_ds, eval_ds.select_columns(train_ds.column_names)])
+        collator.encoder_cache = cache_encoder_outputs(model.to(args.device), to_cache, max(ft.batch_size, 8))
     return Seq2SeqTrainer(
         model=model,
         args=args,
