@@ -51,6 +51,9 @@ def _check_model_dir(model_dir: Path) -> None:
         )
 
 
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 class Backend:
     name = ""
 
@@ -85,7 +88,12 @@ class TransformersBackend(Backend):
         super().__init__(model_dir, options)
         from transformers import AutoTokenizer, WhisperForConditionalGeneration
 
-        dtype = torch.float16 if self.device == "cuda" else torch.float32
+        dtype = _TORCH_DTYPES.get(options.compute_type, torch.float16 if self.device == "cuda" else torch.float32)
+        if options.compute_type not in _TORCH_DTYPES and options.compute_type != "default":
+            raise DecodeError(
+                f"evaluate.compute_type: {options.compute_type!r} is for the ctranslate2 backend; the transformers "
+                f"backend takes default, {', '.join(_TORCH_DTYPES)}"
+            )
         try:
             self.model = WhisperForConditionalGeneration.from_pretrained(
                 self.model_dir, attn_implementation="sdpa", dtype=dtype
@@ -212,16 +220,22 @@ class CTranslate2Backend(Backend):
             temperatures=[0.0], initial_prompt=None, prefix=None, suppress_blank=True,
             suppress_tokens=get_suppressed_tokens(tokenizer, [-1]), without_timestamps=True,
             max_initial_timestamp=0.0, word_timestamps=False, prepend_punctuations="", append_punctuations="",
-            multilingual=False, max_new_tokens=self.options.max_new_tokens, clip_timestamps="0",
+            multilingual=False, max_new_tokens=self._ct2_max_new_tokens(tokenizer), clip_timestamps="0",
             hallucination_silence_threshold=None, hotwords=None,
         )
         return tokenizer, options
+
+    def _ct2_max_new_tokens(self, tokenizer) -> int:
+        # CTranslate2's Whisper generate stops after (max_length - prompt) / 2 new tokens (measured with 4.8.5),
+        # so ask for twice the budget and cut to max_new_tokens, as transformers and openai-whisper do.
+        prompt = len(self.model.get_prompt(tokenizer, [], without_timestamps=True))
+        return min(2 * self.options.max_new_tokens, self.model.max_length - prompt)
 
     def decode_short(self, audios: Sequence[np.ndarray]) -> list[str]:
         features = log_mel_batch(audios, self.n_mels, "cpu").numpy()
         tokenizer, options = self._transcription_options()
         _, outputs = self.pipeline.generate_segment_batched(features, tokenizer, options)
-        return [tokenizer.decode(o["tokens"]).strip() for o in outputs]
+        return [tokenizer.decode(o["tokens"][: self.options.max_new_tokens]).strip() for o in outputs]
 
     def decode_long(self, audio: np.ndarray) -> str:
         segments, _ = self.model.transcribe(
