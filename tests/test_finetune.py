@@ -131,6 +131,7 @@ def test_resume_continues_from_last_checkpoint(run_a, tmp_path, tiny_random_dir,
     assert metrics["train_samples"] == full["train_samples"]
     again = finetune(tmp_path, tiny_random_dir, prepared)  # re-run after a finished run: nothing left to train
     assert again["resumed_from_step"] == 4 and again["global_step"] == 4
+    assert again["train_loss"] == pytest.approx(full["train_loss"], rel=1e-4)  # whole-run mean, not 0
     assert [s for s, _ in curve(tmp_path, "eval/wer")] == [4]  # the repeated final evaluation is not doubled
     assert not (tmp_path / "metrics" / CLIENT / "metrics.json").exists()  # no DVCLive summary next to the curves
 

@@ -438,6 +438,12 @@ def export_client_model(model, base_dir: Path, out_dir: Path, summary: dict) -> 
     return out_dir
 
 
+def mean_train_loss(log_history: list[dict], fallback: float) -> float:
+    """Mean of the per-step losses of the whole run, so a resumed run reports the steps before the checkpoint too."""
+    losses = [float(e["loss"]) for e in log_history if "loss" in e]
+    return sum(losses) / len(losses) if losses else float(fallback)
+
+
 def _last_eval(trainer) -> Optional[dict]:
     """Metrics of an evaluation already run at the final step (so it is not repeated)."""
     for entry in reversed(trainer.state.log_history):
@@ -518,7 +524,7 @@ def run_finetune(
         "dropped_long_labels": dropped,
         "global_step": state.global_step,
         "epochs": round(float(state.epoch or 0.0), 4),
-        "train_loss": round(float(result.training_loss), 6),
+        "train_loss": round(mean_train_loss(state.log_history, result.training_loss), 6),
         "eval_items": len(eval_ds) if eval_ds is not None else 0,
         "eval_wer": round(final_eval["eval_wer"], 4) if final_eval and final_eval["eval_wer"] is not None else None,
         "eval_cer": round(final_eval["eval_cer"], 4) if final_eval and final_eval["eval_cer"] is not None else None,
