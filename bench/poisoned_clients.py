@@ -196,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = [head, "|" + "---|" * (len(args.variants) + 2)]
     for strategy in args.strategies:
         cells = [f"{wer[(v, s)]:.2f}" for v in args.variants for s in [strategy]]
-        delta = max(wer[(v, strategy)] - ref for v in args.variants) if ref is not None else float("nan")
-        lines.append(f"| {strategy} | " + " | ".join(cells) + f" | {delta:+.2f} |")
+        delta = f"{max(wer[(v, strategy)] - ref for v in args.variants):+.2f}" if ref is not None else "n/a"
+        lines.append(f"| {strategy} | " + " | ".join(cells) + f" | {delta} |")
     table = "\n".join(lines)
     print(table)
     print(f"\nclients: {', '.join(names)}; pooled test split of {prepared}; "
