@@ -292,10 +292,14 @@ def run_fingerprint(ft: FinetuneParams, client: str, base_dir: Path, train_file:
     """What a checkpoint was trained from; resuming is only allowed when this is unchanged."""
     from fedwhisper.formats.hf import weight_files
 
+    import fedwhisper.decode.features as features
+
     params = {k: v for k, v in to_dict(ft).items() if k not in _NOT_IN_FINGERPRINT}
+    code = sorted(Path(__file__).parent.glob("*.py")) + [Path(features.__file__)]
     return {
         "client": client,
         "params": params,
+        "code": hashlib.sha256(b"".join(p.read_bytes() for p in code)).hexdigest(),  # training code changed: retrain
         "base": [file_digest(p) for p in weight_files(base_dir)],
         "train_data": file_digest(train_file) if train_file is not None and train_file.is_file() else None,
     }
