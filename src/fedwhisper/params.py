@@ -170,7 +170,9 @@ class AggregationParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    backend: Literal["transformers", "openai-whisper", "ctranslate2"] = p("transformers", "Decoding backend.")
+    backend: Literal["transformers", "openai-whisper", "ctranslate2"] = p(
+        "ctranslate2", "Decoding backend (ctranslate2 = fastest here with outputs identical to transformers)."
+    )
     batch_size: int = p(16, "Clips decoded per batch (sorted by length).", min=1)
     beam_size: int = p(1, "1 = greedy.", min=1)
     language: Optional[str] = p("en", "Language for multilingual models (ignored by `.en` models).")
@@ -179,7 +181,8 @@ class EvaluateParams:
     normalizer: Literal["english", "basic", "none"] = p("english", "Text normaliser applied before WER/CER/BLEU.")
     device: Literal["auto", "cpu", "cuda"] = p("auto", "Decoding device.")
     compute_type: Literal["default", "float32", "int8", "int8_float32", "float16", "int8_float16", "bfloat16"] = p(
-        "default", "ctranslate2 backend: weight/compute type (default = float32 on CPU, float16 on CUDA)."
+        "default", "Compute type: any for ctranslate2, float32/float16/bfloat16 for transformers; default = "
+        "float32 on CPU, float16 on CUDA (int8 and bfloat16 moved tiny.en's WER by over 1 point)."
     )
 
 
