@@ -456,6 +456,16 @@ def _last_eval(trainer) -> Optional[dict]:
     return None
 
 
+def prune_checkpoints(checkpoint_dir: Path) -> None:
+    """Drop the trainer checkpoints once the client model is exported.
+
+    They exist to resume an interrupted run; after success they would only add ~3x the model size (optimizer
+    state) to the DVC cache and remote. The fingerprint stays, so the output is small and restorable by `dvc pull`.
+    """
+    for _, path in checkpoints(checkpoint_dir):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def run_finetune(
     ft: FinetuneParams,
     client: str,
@@ -540,6 +550,7 @@ def run_finetune(
         summary.update(base_model=str(base_dir), multilingual=multilingual, params=to_dict(ft))
         export_client_model(trainer.model, base_dir, out_dir, summary)
         write_json_atomic(metrics_file, metrics)
+        prune_checkpoints(checkpoint_dir)
     wer = f"{metrics['eval_wer']:.1f}%" if metrics["eval_wer"] is not None else "n/a"
     log.info("finetune %s: %d samples, %d steps (%.2f epochs), train loss %.3f, validation WER %s, %.0f s -> %s",
              client, metrics["train_samples"], metrics["global_step"], metrics["epochs"], metrics["train_loss"],
