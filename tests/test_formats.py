@@ -246,8 +246,19 @@ def test_pickle_with_code_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="refused to load"):
         materialize_base(str(evil), tmp_path / "out")
     assert not sentinel.exists()
-    # control: the payload is live, so its absence above is the safe loader's doing
-    torch.load(evil, weights_only=False)
+    # control: the payload is live, so its absence above is the safe loader's doing. torch.save writes a zip whose
+    # data.pkl is a plain pickle; unpickling it (never done by the project) runs the payload.
+    import pickle
+    import zipfile
+
+    with zipfile.ZipFile(evil) as archive:
+        pkl = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+
+        class _Unpickler(pickle.Unpickler):
+            def persistent_load(self, pid):  # ("storage", storage class, key, location, numel): an empty stand-in
+                return torch.storage.TypedStorage(pid[4], dtype=pid[1].dtype, _internal=True)
+
+        _Unpickler(archive.open(pkl)).load()
     assert sentinel.is_dir()
 
 
