@@ -218,12 +218,13 @@ def test_same_checkpoint_twice(tmp_path, models):
         aggregate(params, checkpoints=[str(dirs[0]), str(dirs[0])], base_dir=base_dir, out_dir=tmp_path / "merged",
                   metrics_path=tmp_path / "aggregate.json", manifest=None)
     assert_nothing_written(tmp_path)
-    # Under two names the file is merged twice (double weight); the recorded input hashes make that visible.
+    # The same bytes under two names would double that client's weight: refused, by content hash.
     copy = tmp_path / "copy_of_c0"
     shutil.copytree(dirs[0], copy)
-    metrics, merged = run_agg(tmp_path, base_dir, [dirs[0], copy, dirs[1]], names=["a", "b", "c"])
-    assert metrics["sha256/a"] == metrics["sha256/b"] != metrics["sha256/c"]
-    torch.testing.assert_close(merged[K], (2 * clients[0][K] + clients[1][K]) / 3)
+    with pytest.raises(MergeError, match=r"clients 'a' and 'b' are the same file \(sha256 "):
+        run_agg(tmp_path, base_dir, [dirs[0], copy, dirs[1]], names=["a", "b", "c"])
+    assert not (tmp_path / "merged").exists()
+    assert not any(p.name.startswith("merged.tmp-") for p in tmp_path.iterdir())
 
 
 # --------------------------------------------------------------------------- weights

@@ -167,6 +167,19 @@ def _copy_model_files(src: Path, dst: Path, out_dtype: torch.dtype | None) -> No
             config.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
+def _refuse_duplicate_inputs(report: MergeReport) -> None:
+    """The same bytes under two client names would silently double that client's weight."""
+    seen: dict[str, str] = {}
+    for name in report.client_names:
+        digest = report.sha256.get(name)
+        if digest is None:
+            continue
+        if digest in seen:
+            raise MergeError(f"clients {seen[digest]!r} and {name!r} are the same file (sha256 {digest[:12]}...); "
+                             "merging both would double its weight. Remove one, or give it weight 0")
+        seen[digest] = name
+
+
 def _replace_dir(tmp: Path, out: Path) -> None:
     old = out.parent / f"{out.name}.old-{os.getpid()}"
     if out.exists():
@@ -291,6 +304,7 @@ def aggregate(params: Params, *, checkpoints: Sequence[str] | None = None, names
         }
         report = merge_checkpoints([all_names[i] for i in active], readers, base_reader, plan,
                                    tmp / "model.safetensors", metadata)
+        _refuse_duplicate_inputs(report)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
