@@ -19,6 +19,7 @@ import torch
 
 from fedwhisper.errors import CheckpointError, MergeError
 from fedwhisper.formats.checkpoints import WEIGHT_SUFFIXES, CheckpointReader, open_checkpoint
+from fedwhisper.formats.hf import replace_dir
 from fedwhisper.merge.engine import DTYPES, MergePlan, MergeReport, merge_checkpoints
 from fedwhisper.merge.presets import preset_weights
 from fedwhisper.merge.strategies import make_strategy, normalise_weights
@@ -180,15 +181,6 @@ def _refuse_duplicate_inputs(report: MergeReport) -> None:
         seen[digest] = name
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    old = out.parent / f"{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def _write_json_atomic(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
@@ -317,7 +309,7 @@ def aggregate(params: Params, *, checkpoints: Sequence[str] | None = None, names
         _copy_model_files(config_src, tmp, plan.out_dtype)
         if agg.export_openai:
             export_openai(tmp, tmp / "model.pt")
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
