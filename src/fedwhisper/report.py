@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedwhisper.atomic import remove_stale_siblings
 from fedwhisper.errors import FedWhisperError
 
 
@@ -118,6 +119,7 @@ def write_chart(scores: list[ModelScores], groups: list[str], path: Path) -> Non
     ax.legend(fontsize=8, ncol=2)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
+    remove_stale_siblings(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
     fig.savefig(tmp, dpi=110, metadata={"Software": None})
     plt.close(fig)
@@ -126,6 +128,7 @@ def write_chart(scores: list[ModelScores], groups: list[str], path: Path) -> Non
 
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)

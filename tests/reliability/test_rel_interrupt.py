@@ -1,7 +1,8 @@
 """Reliability, interruption: SIGKILL the real stage scripts mid-write / mid-training, then rerun.
 
 aggregate: after the kill nothing at the output path looks finished (absent, or the previous complete output
-byte for byte), the partial file is detectably incomplete, and the next run completes with the expected bytes.
+byte for byte), the partial file is detectably incomplete, and the next run removes the killed run's
+`merged.tmp-<pid>` (logging it) and completes with the expected bytes.
 finetune: after the kill no client model exists; the rerun resumes from the last complete checkpoint and ends at
 the same total step count as an uninterrupted run, with the same weights.
 """
@@ -82,16 +83,18 @@ def test_sigkill_during_aggregate_write_leaves_nothing_finished(agg_inputs, tmp_
         with safe_open(str(partial), framework="pt"):
             pass
 
-    # The next run completes, and gives exactly what an uninterrupted run gives.
-    run_ok([sys.executable, *agg_cmd(root, w_new)], tmp_path)
+    # The next run removes the killed run's temporary dir (its pid is dead), says so, and completes with exactly
+    # what an uninterrupted run gives.
+    assert (tmp_path / f"merged.tmp-{proc.pid}") == partial.parent
+    out = run_ok([sys.executable, *agg_cmd(root, w_new)], tmp_path)
+    assert f"removed merged.tmp-{proc.pid}, left by a killed run" in out
+    assert not partial.parent.exists()
     run_ok([sys.executable, *agg_cmd(root, w_new, out="reference")], tmp_path)
     assert (tmp_path / "merged" / "model.safetensors").read_bytes() == \
         (tmp_path / "reference" / "model.safetensors").read_bytes()
     metrics = json.loads((tmp_path / "merged.json").read_text())
     assert [metrics[f"weight/c{i}"] for i in range(3)] == pytest.approx(w_new)
-    # Leftover of the killed run: a temporary dir that never looks like the output (the next run does not remove it).
-    leftovers = sorted(p.name for p in tmp_path.glob("merged.*") if p.is_dir())
-    assert leftovers == [partial.parent.name]
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name) == []
 
 
 def test_sigkill_during_first_aggregate_leaves_no_output(agg_inputs, tmp_path):

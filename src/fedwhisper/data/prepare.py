@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
+from fedwhisper.atomic import remove_stale_siblings
 from fedwhisper.audio import SAMPLING_RATE, load_16k_mono, to_16k_mono
 from fedwhisper.data.partition import SPLITS, assign_clients, assign_splits, client_names, resolve_split_map, subsample
 from fedwhisper.data.prepared import split_path, write_manifest, write_split
@@ -96,6 +97,7 @@ def run_prepare(
     else:
         to_read = [(s, None) for s in source_splits]
 
+    remove_stale_siblings(out_dir)
     tmp = out_dir.parent / f"{out_dir.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -304,6 +306,7 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)

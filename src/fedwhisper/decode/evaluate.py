@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from fedwhisper.decode.backends import Backend, DecodeOptions, open_backend
 from fedwhisper.decode.metrics import normalize_texts, score_corpus
 from fedwhisper.decode.transcribe import transcribe_audios, transcribe_indexed
+from fedwhisper.atomic import remove_stale_siblings
 from fedwhisper.errors import DataError
 from fedwhisper.params import EvaluateParams
 
@@ -201,6 +202,8 @@ def prediction_rows(pred: Predictions, normalizer: str) -> Iterator[dict[str, An
 
 
 def _tmp(path: Path) -> Path:
+    """``<path>.tmp-<pid>``, after removing the temporary siblings of ``path`` that killed runs left."""
+    remove_stale_siblings(path)
     return path.with_name(f"{path.name}.tmp-{os.getpid()}")
 
 

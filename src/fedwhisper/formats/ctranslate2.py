@@ -269,9 +269,11 @@ def export_ctranslate2(hf_dir: str | Path, out_dir: str | Path, quantization: st
     """Convert a canonical directory to CTranslate2 with its own converter (offline), written atomically."""
     from ctranslate2.converters import TransformersConverter
 
+    from fedwhisper.atomic import remove_stale_siblings
     from fedwhisper.formats.hf import replace_dir
 
     src, out = Path(hf_dir), Path(out_dir)
+    remove_stale_siblings(out)
     copy = [n for n in ("tokenizer.json", "preprocessor_config.json") if (src / n).is_file()]
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     if tmp.exists():

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fedwhisper.atomic import remove_stale_siblings
 from fedwhisper.errors import CheckpointError
 from fedwhisper.formats.naming import TIED_HF_KEY
 
@@ -240,6 +241,8 @@ def replace_dir(tmp: Path, out: Path) -> None:
 
 
 def tmp_dir_for(out: Path) -> Path:
+    """A fresh empty ``<out>.tmp-<pid>``; first removes the temporary siblings of ``out`` that killed runs left."""
+    remove_stale_siblings(out)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)

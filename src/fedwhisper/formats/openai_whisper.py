@@ -15,6 +15,7 @@ from typing import Mapping, Optional
 
 import torch
 
+from fedwhisper.atomic import remove_stale_siblings
 from fedwhisper.errors import CheckpointError
 from fedwhisper.formats.naming import canonical_name, hf_to_openai
 
@@ -245,6 +246,7 @@ def export_openai_pt(hf_dir: str | Path, out_path: str | Path) -> Path:
     dims, state = hf_dir_to_openai_state(hf_dir)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(out)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     try:
         torch.save({"dims": dims, "model_state_dict": state}, tmp)

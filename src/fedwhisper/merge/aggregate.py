@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
+from fedwhisper.atomic import remove_stale_siblings
 from fedwhisper.errors import CheckpointError, MergeError
 from fedwhisper.formats.checkpoints import WEIGHT_SUFFIXES, CheckpointReader, open_checkpoint
 from fedwhisper.formats.hf import replace_dir
@@ -183,6 +184,7 @@ def _refuse_duplicate_inputs(report: MergeReport) -> None:
 
 def _write_json_atomic(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(path)
     tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(path)
@@ -203,6 +205,7 @@ def export_openai(hf_dir: Path, out_path: Path) -> None:
     dims = arch_from_config(json.loads((hf_dir / "config.json").read_text()))
     with open_checkpoint(hf_dir) as reader:
         state = {hf_to_openai(name): reader.read(name) for name in reader.names()}
+    remove_stale_siblings(out_path)
     tmp = out_path.parent / f"{out_path.name}.tmp-{os.getpid()}"
     torch.save({"dims": dims, "model_state_dict": state}, tmp)
     tmp.replace(out_path)
@@ -266,6 +269,9 @@ def aggregate(params: Params, *, checkpoints: Sequence[str] | None = None, names
 
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(out)
+    if metrics_path:
+        remove_stale_siblings(Path(metrics_path))
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)

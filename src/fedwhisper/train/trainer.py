@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from fedwhisper.atomic import remove_stale_siblings
 from fedwhisper.errors import CheckpointError, DataError, ParamsError
 from fedwhisper.params import FinetuneParams, to_dict
 from fedwhisper.train.collator import IGNORE_INDEX, WhisperCollator, label_ids, label_prefix, strip_decoder_start
@@ -330,6 +331,7 @@ def resume_point(checkpoint_dir: Path, fingerprint: dict) -> Optional[Path]:
         for _, path in found:
             shutil.rmtree(path)
         found = []
+    remove_stale_siblings(fp_file)
     tmp = fp_file.with_name(f"{fp_file.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, fp_file)
@@ -422,6 +424,7 @@ def build_trainer(ft: FinetuneParams, model, tokenizer, multilingual: bool, trai
 
 def write_json_atomic(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(path)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
@@ -431,6 +434,7 @@ def export_client_model(model, base_dir: Path, out_dir: Path, summary: dict) -> 
     """Canonical HF dir (base config, tokenizer, preprocessor, generation config) + training_summary.json, atomically."""
     from fedwhisper.formats.hf import load_config, replace_dir, write_whisper_dir
 
+    remove_stale_siblings(out_dir)  # also <out>.staging-<pid>.tmp-<pid> and <out>.old-<pid>
     staging = out_dir.with_name(f"{out_dir.name}.staging-{os.getpid()}")
     try:
         write_whisper_dir(model.state_dict(), load_config(base_dir), staging, tokenizer_from=base_dir)
