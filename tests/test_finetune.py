@@ -21,7 +21,8 @@ from fedwhisper.train.trainer import check_precision, check_trainer_overrides, r
 
 CLIENT = "c1"
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet".split()
-FAST = dict(max_steps=4, batch_size=2, eval_max_items=2, save_steps=2, learning_rate=1e-3, eval_steps=0)
+FAST = dict(max_steps=4, batch_size=2, eval_max_items=2, save_steps=2, learning_rate=1e-3, eval_steps=0,
+            freeze_encoder=True)
 
 
 def _rows(n: int, seed: int, split: str) -> list[dict]:
@@ -88,6 +89,18 @@ def test_short_run_trains_decoder_and_writes_loadable_dir(run_a, tiny_random_dir
     assert on_disk == metrics
     assert isinstance(metrics["eval_wer"], float) and metrics["eval_items"] == 2
     assert not list((tmp / "clients").glob("*.tmp-*")) and not list((tmp / "clients").glob("*.staging-*"))
+
+
+@pytest.mark.parametrize("frozen_layers", [0, 1])
+def test_encoder_training_changes_exactly_the_unfrozen_layers(tmp_path, tiny_random_dir, prepared, frozen_layers):
+    tmp = tmp_path / "run"
+    finetune(tmp, tiny_random_dir, prepared, freeze_encoder=False, freeze_encoder_layers=frozen_layers)
+    base, tuned = read_state_dict(tiny_random_dir), read_state_dict(tmp / "clients" / CLIENT)
+    changed = {k for k in base if not torch.equal(base[k], tuned[k])}
+    lower = {k for k in base if k.startswith(("model.encoder.conv", "model.encoder.layers.0."))}
+    assert {k for k in base if k.startswith(("model.encoder.layers.1.", "model.encoder.layer_norm."))} <= changed
+    assert any(k.startswith("model.decoder.") for k in changed)
+    assert (lower <= changed) if frozen_layers == 0 else not (lower & changed)
 
 
 def test_curves_are_logged_per_step_without_dvc_yaml(run_a):
@@ -233,7 +246,7 @@ def test_encoder_cache_gives_the_same_loss(tiny_random_dir, prepared):
     from fedwhisper.train.trainer import cache_encoder_outputs, encoder_is_constant, load_base
 
     model, tok, _ = load_base(tiny_random_dir)
-    ft = FinetuneParams()
+    ft = FinetuneParams(freeze_encoder=True)
     assert encoder_is_constant(model, ft)
     assert not encoder_is_constant(model, dataclasses.replace(ft, spec_augment=True))
     assert not encoder_is_constant(model, dataclasses.replace(ft, freeze_encoder=False))
@@ -250,6 +263,58 @@ def test_encoder_cache_gives_the_same_loss(tiny_random_dir, prepared):
     with torch.no_grad():
         a, b = model(**plain).loss, model(**cached).loss
     assert a.item() == pytest.approx(b.item(), rel=1e-5)
+
+
+def test_partly_frozen_encoder_cache_gives_the_same_loss_and_gradients(tiny_random_dir, prepared):
+    """freeze_encoder_layers=N: the lower N layers' cached output + the upper layers equals the full encoder."""
+    from fedwhisper.data.prepared import load_split
+    from fedwhisper.errors import ParamsError
+    from fedwhisper.train.collator import WhisperCollator, label_prefix
+    from fedwhisper.train.trainer import (cache_encoder_outputs, cacheable_encoder_depth, configure_model,
+                                          encoder_is_constant, load_base, use_cached_lower_encoder)
+
+    model, tok, _ = load_base(tiny_random_dir)
+    ft = FinetuneParams(freeze_encoder=False, freeze_encoder_layers=1)
+    assert cacheable_encoder_depth(model, ft) == 1 and not encoder_is_constant(model, ft)
+    assert cacheable_encoder_depth(model, dataclasses.replace(ft, spec_augment=True)) == 0
+    assert cacheable_encoder_depth(model, dataclasses.replace(ft, freeze_encoder_layers=0)) == 0
+    with pytest.raises(ParamsError, match=r"finetune\.freeze_encoder_layers: 9, but the base model has 2 encoder"):
+        configure_model(model, dataclasses.replace(ft, freeze_encoder_layers=9), False)
+    configure_model(model, ft, False)
+    enc = model.model.encoder
+    trainable = {n for n, q in model.named_parameters() if q.requires_grad}
+    assert not any(n.startswith(("model.encoder.conv", "model.encoder.layers.0.")) for n in trainable)
+    assert any(n.startswith("model.encoder.layers.1.") for n in trainable)
+    assert "model.encoder.layer_norm.weight" in trainable and any(n.startswith("model.decoder.") for n in trainable)
+
+    train = load_split(prepared, CLIENT, "train")
+    cache = cache_encoder_outputs(model, train, batch_size=3, depth=1)
+    assert sorted(cache) == sorted(train["id"])
+    assert cache[str(train["id"][0])].shape == (model.config.max_source_positions, model.config.d_model)
+    collate = WhisperCollator(tok, label_prefix(tok, False, "en", "transcribe"), 50256,
+                              model.config.decoder_start_token_id)
+    rows = [train.with_format("numpy")[i] for i in (0, 5)]
+    plain = collate(rows)
+    collate.encoder_cache, collate.cache_is_encoder_output = cache, False
+    cached = collate(rows)
+    assert cached["input_features"].shape[1:] == (model.config.max_source_positions, model.config.d_model)
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.item(), {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+
+    a, grads_a = loss_and_grads(plain)
+    use_cached_lower_encoder(model, 1)
+    b, grads_b = loss_and_grads(cached)
+    assert a == pytest.approx(b, rel=1e-5)
+    assert grads_a.keys() == grads_b.keys() and any(n.startswith("model.encoder.layers.1.") for n in grads_b)
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6, msg=name)
+    # log-mel input still takes the whole encoder (validation generation)
+    c, _ = loss_and_grads(plain)
+    assert c == pytest.approx(a, rel=1e-6)
 
 
 def test_encoder_cache_gives_the_same_validation_wer(tmp_path, tiny_random_dir, prepared):

@@ -113,7 +113,10 @@ class FinetuneParams:
     seed: int = p(0, "Training seed.", min=0)
     precision: Literal["fp32", "bf16", "fp16"] = p("fp32", "Training precision; bf16/fp16 need a device that supports them.")
     gradient_checkpointing: bool = p(False, "Trade compute for memory.")
-    freeze_encoder: bool = p(True, "Train the decoder only.")
+    freeze_encoder: bool = p(False, "Train the decoder only (the encoder output is computed once per clip and cached).")
+    freeze_encoder_layers: int = p(
+        0, "With freeze_encoder false: keep the conv stem and the lowest N encoder layers frozen (their output is "
+        "computed once per clip and cached); 0 trains the whole encoder.", min=0)
     spec_augment: bool = p(False, "Apply SpecAugment masking (model config mask_time/feature_prob).")
     language: Optional[str] = p("en", "Language token for multilingual models (ignored by `.en` models).")
     task: Literal["transcribe", "translate"] = p("transcribe", "Task token for multilingual models.")

@@ -140,10 +140,31 @@ def load_base(base_dir: Path):
     return model, tokenizer, multilingual
 
 
+def frozen_encoder_depth(model, ft: FinetuneParams) -> int:
+    """Encoder layers kept frozen: all of them with ``freeze_encoder``, else ``freeze_encoder_layers``."""
+    n = int(model.config.encoder_layers)
+    if ft.freeze_encoder:
+        return n
+    if ft.freeze_encoder_layers > n:
+        raise ParamsError(f"finetune.freeze_encoder_layers: {ft.freeze_encoder_layers}, but the base model has {n} "
+                          f"encoder layers; use 0..{n}")
+    return ft.freeze_encoder_layers
+
+
 def configure_model(model, ft: FinetuneParams, multilingual: bool) -> None:
-    """Encoder freezing, SpecAugment, and the language/task that validation generation uses."""
+    """Encoder freezing, SpecAugment, and the language/task that validation generation uses.
+
+    ``freeze_encoder`` freezes the whole encoder. Otherwise ``freeze_encoder_layers = N > 0`` freezes the
+    convolution stem, the positional embedding and the lowest N encoder layers; the layers above, the encoder's final
+    layer norm and the decoder train.
+    """
+    depth = frozen_encoder_depth(model, ft)
     if ft.freeze_encoder:
         model.freeze_encoder()
+    elif depth > 0:
+        enc = model.model.encoder
+        for module in (enc.conv1, enc.conv2, enc.embed_positions, *enc.layers[:depth]):
+            module.requires_grad_(False)
     model.config.apply_spec_augment = ft.spec_augment
     gen = model.generation_config
     gen.forced_decoder_ids = None
@@ -169,16 +190,73 @@ def as_training_rows(ds):
     return ds.with_format("numpy", columns=["audio"], output_all_columns=True)
 
 
-def encoder_is_constant(model, ft: FinetuneParams) -> bool:
-    """A frozen encoder without dropout, layer drop or SpecAugment gives the same output for an item every epoch."""
+def cacheable_encoder_depth(model, ft: FinetuneParams) -> int:
+    """How many of the lowest encoder layers give the same output for an item every epoch (0 = none).
+
+    That needs them frozen, and no dropout, layer drop or SpecAugment anywhere in the encoder. With
+    ``freeze_encoder`` it is every layer, and the cache then holds the encoder's final output.
+    """
     c = model.config
     drops = (c.dropout, c.attention_dropout, c.activation_dropout, c.encoder_layerdrop)
-    return ft.freeze_encoder and not ft.spec_augment and all(float(d or 0.0) == 0.0 for d in drops)
+    if ft.spec_augment or any(float(d or 0.0) != 0.0 for d in drops):
+        return 0
+    return frozen_encoder_depth(model, ft)
 
 
-def cache_encoder_outputs(model, ds, batch_size: int, max_bytes: int = ENCODER_CACHE_MAX_BYTES):
-    """Encoder output per item id, computed once (about half the work of a 2-epoch frozen-encoder run), or None
-    when the cache would exceed ``max_bytes``."""
+def encoder_is_constant(model, ft: FinetuneParams) -> bool:
+    """The whole encoder is frozen and deterministic, so its final output can be cached."""
+    return ft.freeze_encoder and cacheable_encoder_depth(model, ft) > 0
+
+
+def encoder_lower(encoder, features: torch.Tensor, depth: int) -> torch.Tensor:
+    """The convolution stem, positional embedding and lowest ``depth`` layers of a Whisper encoder (as in
+    ``WhisperEncoder.forward``, with dropout and layer drop, which the cache requires to be off, left out)."""
+    hidden = torch.nn.functional.gelu(encoder.conv1(features))
+    hidden = torch.nn.functional.gelu(encoder.conv2(hidden)).permute(0, 2, 1)
+    hidden = hidden + encoder.embed_positions.weight[: hidden.shape[1]]
+    for layer in encoder.layers[:depth]:
+        out = layer(hidden, None)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return hidden
+
+
+def encoder_upper(encoder, hidden: torch.Tensor, depth: int) -> torch.Tensor:
+    """The encoder layers above ``depth`` and the final layer norm."""
+    for layer in encoder.layers[depth:]:
+        out = layer(hidden, None)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return encoder.layer_norm(hidden)
+
+
+def use_cached_lower_encoder(model, depth: int) -> None:
+    """Let the encoder take the cached output of its frozen lower ``depth`` layers in place of log-mel features.
+
+    The collator sends ``input_features`` of shape (batch, max_source_positions, d_model) for cached items; the
+    encoder then runs only its trainable upper layers. Log-mel features, shape (batch, num_mel_bins, frames), take the
+    usual full path (validation generation, uncached items). Only the bound ``forward`` of this model instance
+    changes; the weights and the saved model do not.
+    """
+    from transformers.modeling_outputs import BaseModelOutput
+
+    encoder = model.model.encoder
+    original = encoder.forward
+    cached_shape = (int(model.config.max_source_positions), int(model.config.d_model))
+
+    def forward(input_features, *args, **kwargs):
+        if input_features.dim() == 3 and tuple(input_features.shape[1:]) == cached_shape:
+            return BaseModelOutput(last_hidden_state=encoder_upper(encoder, input_features, depth))
+        return original(input_features, *args, **kwargs)
+
+    encoder.forward = forward
+
+
+def cache_encoder_outputs(model, ds, batch_size: int, max_bytes: int = ENCODER_CACHE_MAX_BYTES,
+                          depth: Optional[int] = None):
+    """Encoder output per item id, computed once, or None when the cache would exceed ``max_bytes``.
+
+    ``depth=None`` caches the whole encoder's output (frozen encoder: about half the work of a 2-epoch run);
+    ``depth=N`` caches the output of the convolution stem and the lowest N layers (see ``use_cached_lower_encoder``).
+    """
     from tqdm.auto import tqdm
 
     from fedwhisper.decode.features import log_mel_batch
@@ -189,6 +267,7 @@ def cache_encoder_outputs(model, ds, batch_size: int, max_bytes: int = ENCODER_C
         log.info("encoder cache would need %.1f GiB; running the frozen encoder every step instead", need / 2**30)
         return None
     device = str(next(model.parameters()).device)
+    encoder = model.model.encoder
     cache: dict[str, torch.Tensor] = {}
     was_training = model.training
     model.eval()
@@ -197,7 +276,11 @@ def cache_encoder_outputs(model, ds, batch_size: int, max_bytes: int = ENCODER_C
         for start in tqdm(range(0, len(ds), batch_size), desc="encoder cache", unit="batch"):
             batch = rows[start : start + batch_size]
             features = log_mel_batch([np.array(a, dtype=np.float32) for a in batch["audio"]], c.num_mel_bins, device)
-            hidden = model.model.encoder(features).last_hidden_state.float().cpu()
+            if depth is None:
+                hidden = encoder(features).last_hidden_state
+            else:
+                hidden = encoder_lower(encoder, features, depth)
+            hidden = hidden.float().cpu()
             cache.update({str(i): h.clone() for i, h in zip(batch["id"], hidden)})
     model.train(was_training)
     return cache
@@ -400,13 +483,20 @@ def build_trainer(ft: FinetuneParams, model, tokenizer, multilingual: bool, trai
         longest = max(len(label_ids(tokenizer, t, prefix, eot)) for t in eval_ds["text"])
         gen_max = min(gen_max, 2 * longest + 8)  # room for a model that over-generates, without 448-token stalls
     args = training_arguments(ft, output_dir, ft.eval_steps if eval_ds is not None else 0, gen_max)
-    if cache_encoder and encoder_is_constant(model, ft):
+    depth = cacheable_encoder_depth(model, ft) if cache_encoder else 0
+    if depth and ft.freeze_encoder:
         to_cache = train_ds
         if eval_ds is not None and not set(map(str, eval_ds["id"])) & set(map(str, train_ds["id"])):
             import datasets
 
             to_cache = datasets.concatenate_datasets([train_ds, eval_ds.select_columns(train_ds.column_names)])
         collator.encoder_cache = cache_encoder_outputs(model.to(args.device), to_cache, max(ft.batch_size, 8))
+    elif depth:
+        # Validation generation needs the whole encoder, so only training items are cached (below the trained layers).
+        cache = cache_encoder_outputs(model.to(args.device), train_ds, max(ft.batch_size, 8), depth=depth)
+        if cache is not None:
+            use_cached_lower_encoder(model, depth)
+            collator.encoder_cache, collator.cache_is_encoder_output = cache, False
     return Seq2SeqTrainer(
         model=model,
         args=args,
