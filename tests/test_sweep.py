@@ -1,0 +1,83 @@
+"""scripts/sweep.py: the experiment list and the comparison built from `dvc exp show --json` (its real shape)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    spec = importlib.util.spec_from_file_location("sweep", ROOT / "scripts" / "sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _rev(name, rev, agg_params, wer=None):
+    metrics = {"metrics/prepare.json": {"data": {"items/en-us/train": 65}},
+               "metrics/aggregate.json": {"data": {"weight/a": 0.5}}}
+    if wer is not None:
+        metrics["metrics/eval/aggregated.json"] = {"data": {"wer": wer, "bleu": 90.0 - wer, "wer_a": wer - 1,
+                                                             "wer_b": wer + 1, "cer": wer / 2}}
+    return {"rev": rev, "name": name, "error": None, "experiments": None,
+            "data": {"rev": rev, "timestamp": "2026-11-27T09:18:09", "meta": {}, "deps": {}, "outs": {},
+                     "params": {"params.yaml": {"data": {"aggregation": agg_params, "clients": ["a", "b"]}}},
+                     "metrics": metrics}}
+
+
+def exp_show_json():
+    """The layout `dvc exp show --json` prints (DVC 3.x): workspace, then each baseline with its experiments."""
+    main = _rev("main", "3da274a5", {"strategy": "mean", "preset": None, "weights": None}, 5.2)
+    main["experiments"] = [
+        {"executor": None, "name": "sweep-bias_best_light",
+         "revs": [_rev("sweep-bias_best_light", "9ec03659",
+                       {"strategy": "mean", "preset": "bias_best_light", "weights": None}, 6.0)]},
+        {"executor": None, "name": "sweep-ties",
+         "revs": [_rev("sweep-ties", "1a2b3c4d", {"strategy": "ties", "preset": None, "weights": None}, 4.5)]},
+        {"executor": None, "name": "sweep-krum",  # failed: no metrics of the aggregated model
+         "revs": [_rev("sweep-krum", "5e6f7a8b", {"strategy": "krum", "preset": None, "weights": None})]},
+        {"executor": None, "name": "finer-ring",  # not part of the sweep
+         "revs": [_rev("finer-ring", "0badc0de", {"strategy": "mean", "preset": None, "weights": [1, 2]}, 9.9)]},
+    ]
+    workspace = _rev(None, "workspace", {"strategy": "mean", "preset": None, "weights": None}, 5.2)
+    return [workspace, main]
+
+
+def test_experiments_cover_the_ten_presets_and_the_other_strategies(sweep):
+    from fedwhisper.merge.presets import PRESETS
+
+    runs = sweep.experiments()
+    assert len(PRESETS) == 10 and len(runs) == 10 + len(sweep.STRATEGIES)
+    assert runs["sweep-bias_best_heavy"] == ["aggregation.preset=bias_best_heavy"]
+    assert runs["sweep-multi-krum"] == ["aggregation.strategy=multi_krum"]
+    assert all(name.startswith(sweep.PREFIX) for name in runs)
+
+
+def test_collect_and_comparison(sweep, monkeypatch, tmp_path):
+    monkeypatch.setattr(sweep, "dvc", lambda *args, capture=False: json.dumps(exp_show_json()))
+    rows = sweep.collect()
+    assert [(r["name"], r["status"]) for r in rows] == [
+        ("bias_best_light", "ok"), ("krum", "failed"), ("ties", "ok")]
+    markdown = sweep.write_comparison(rows, tmp_path)
+    table = [ln for ln in markdown.splitlines() if ln.startswith("| ")]
+    assert table[0] == "| experiment | strategy | preset/weights | WER | WER a | WER b | BLEU |"
+    # sorted by WER, the failed run last
+    assert table[1] == "| ties | ties | - | 4.50 | 3.50 | 5.50 | 85.50 |"
+    assert table[2] == "| bias_best_light | mean | bias_best_light | 6.00 | 5.00 | 7.00 | 84.00 |"
+    assert table[3].startswith("| krum | krum | - | failed")
+    assert (tmp_path / "sweep.md").read_text().startswith("# Aggregation sweep")
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_main_collect_reports_failures(sweep, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(sweep, "dvc", lambda *args, capture=False: json.dumps(exp_show_json()))
+    assert sweep.main(["--collect", "--out", str(tmp_path)]) == 1
+    assert "1 experiment(s) failed: krum" in capsys.readouterr().err
+    monkeypatch.setattr(sweep, "dvc", lambda *args, capture=False: json.dumps(exp_show_json()[:1]))
+    assert sweep.main(["--collect", "--out", str(tmp_path)]) == 1
+    assert "no sweep experiments found" in capsys.readouterr().err
