@@ -10,6 +10,10 @@ parameters, 1.6 GB each at --scale 1), then, in one run and in fresh processes e
 
 Every child runs torch with one intra-op thread, as the engine does.
 
+With --cold, every input is dropped from the page cache (fsync + posix_fadvise DONTNEED) before each measurement,
+so read, ours and naive all read from the disk, as they do for checkpoints that just arrived; without it all of them
+read from the page cache (the files were just written).
+
 Peak RSS is each process's VmHWM. Prints medians over --repeats and the ratios; targets: our peak RSS <= 1.3 x one
 checkpoint and our wall time <= 2 x the read time.
 
@@ -128,6 +132,19 @@ def run_child(mode: str, out: Path, base: Path, clients: list[Path]) -> dict:
     return r
 
 
+def evict(files: list[Path]) -> None:
+    """Drop ``files`` from the page cache (their pages are clean after fsync), so the next read hits the disk."""
+    import os
+
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def read_all(files: list[Path]) -> float:
     t0 = time.perf_counter()
     subprocess.run(["cat", *map(str, files)], stdout=subprocess.DEVNULL, check=True)
@@ -143,6 +160,8 @@ def main() -> None:
     ap.add_argument("--no-naive", action="store_true", help="skip the naive baseline (it needs ~6x RAM)")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time ours without the base (no screening) and the sha256 of the inputs alone")
+    ap.add_argument("--cold", action="store_true",
+                    help="evict the inputs from the page cache before every measurement (reads hit the disk)")
     args = ap.parse_args()
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="fedwhisper-bench-", dir="."))
@@ -164,13 +183,21 @@ def main() -> None:
             print(f"skipping naive: {psutil.virtual_memory().available / 1e9:.1f} GB available < 7 x checkpoint")
             naive = False
         rows: dict[str, list[dict]] = {"read": [], "ours": [], "naive": [], "ours_nobase": [], "hash": []}
+        inputs = [base, *clients]
+        cold = evict if args.cold else (lambda files: None)
+        print(f"page cache: {'inputs evicted before every measurement (cold)' if args.cold else 'warm'}")
         for _ in tqdm(range(args.repeats), desc="rounds", unit="round"):
-            rows["read"].append({"seconds": read_all([base, *clients])})
+            cold(inputs)
+            rows["read"].append({"seconds": read_all(inputs)})
+            cold(inputs)
             rows["ours"].append(run_child("ours", work / "ours.safetensors", base, clients))
             if args.breakdown:
+                cold(inputs)
                 rows["ours_nobase"].append(run_child("ours_nobase", work / "ours.safetensors", base, clients))
+                cold(inputs)
                 rows["hash"].append(run_child("hash", work / "unused", base, clients))
             if naive:
+                cold(inputs)
                 rows["naive"].append(run_child("naive", work / "naive.safetensors", base, clients))
 
         def med(mode: str, key: str) -> float:
