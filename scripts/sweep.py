@@ -37,10 +37,22 @@ def dvc(*args: str, capture: bool = False) -> str:
     return result.stdout if capture else ""
 
 
+def remove_previous(runs: dict[str, list[str]]) -> list[str]:
+    """Remove experiments left by an earlier sweep under the same names, so that the new ones can take them.
+
+    (Not `dvc exp run --force`: that also means `dvc repro --force`, which would re-train every client.)
+    """
+    existing = set(dvc("exp", "list", "--all-commits", "--name-only", capture=True).split())
+    stale = sorted(existing & set(runs))
+    if stale:
+        dvc("exp", "remove", *stale)
+    return stale
+
+
 def queue_all(runs: dict[str, list[str]]) -> None:
     for name, overrides in runs.items():
         sets = [arg for o in overrides for arg in ("-S", o)]
-        dvc("exp", "run", "--queue", "--force", "-n", name, *sets)
+        dvc("exp", "run", "--queue", "-n", name, *sets)
 
 
 def wait_for_queue(poll_s: float = 5.0) -> None:
@@ -128,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     runs = experiments()
     if not args.collect:
+        stale = remove_previous(runs)
+        if stale:
+            print(f"sweep: removed {len(stale)} experiment(s) of an earlier sweep", flush=True)
         print(f"sweep: queueing {len(runs)} experiments", flush=True)
         queue_all(runs)
         dvc("queue", "start", "-j", str(args.jobs))

@@ -81,3 +81,21 @@ def test_main_collect_reports_failures(sweep, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(sweep, "dvc", lambda *args, capture=False: json.dumps(exp_show_json()[:1]))
     assert sweep.main(["--collect", "--out", str(tmp_path)]) == 1
     assert "no sweep experiments found" in capsys.readouterr().err
+
+
+def test_queueing_never_forces_a_full_repro(sweep, monkeypatch):
+    """`dvc exp run --force` is `dvc repro --force`: it would re-train every client. Old runs are removed instead."""
+    calls = []
+
+    def fake_dvc(*args, capture=False):
+        calls.append(args)
+        return "finer-ring\nsweep-ties\nsweep-equal_avg\n" if args[:2] == ("exp", "list") else ""
+
+    monkeypatch.setattr(sweep, "dvc", fake_dvc)
+    runs = sweep.experiments()
+    assert sweep.remove_previous(runs) == ["sweep-equal_avg", "sweep-ties"]
+    sweep.queue_all(runs)
+    assert ("exp", "remove", "sweep-equal_avg", "sweep-ties") in calls
+    queued = [c for c in calls if c[:3] == ("exp", "run", "--queue")]
+    assert len(queued) == len(runs)
+    assert not any("--force" in c or "-f" in c for c in queued)
