@@ -20,16 +20,26 @@ from pathlib import Path
 
 from fedwhisper.merge.presets import PRESETS
 
-STRATEGIES = ["fedavg", "task_arithmetic", "ties", "dare_linear", "dare_ties", "median", "trimmed_mean", "krum",
-              "multi_krum"]
+# Strategy -> extra overrides. Krum needs n > 2f + 2 clients: with the four default clients that means f = 0 (Krum
+# keeps the most central client); Multi-Krum then averages the m = 2 most central ones (m = n - f would be the mean).
+STRATEGIES = {"fedavg": [], "task_arithmetic": [], "ties": [], "dare_linear": [], "dare_ties": [], "median": [],
+              "trimmed_mean": [], "krum": ["aggregation.f=0"], "multi_krum": ["aggregation.f=0", "aggregation.m=2"]}
 PREFIX = "sweep-"
 
 
 def experiments() -> dict[str, list[str]]:
     """Experiment name -> `-S` overrides."""
     runs = {f"{PREFIX}{name}": [f"aggregation.preset={name}"] for name in PRESETS}
-    runs.update({f"{PREFIX}{s.replace('_', '-')}": [f"aggregation.strategy={s}"] for s in STRATEGIES})
+    runs.update({f"{PREFIX}{s.replace('_', '-')}": [f"aggregation.strategy={s}", *extra]
+                 for s, extra in STRATEGIES.items()})
     return runs
+
+
+def settings(name: str) -> str:
+    """The overrides of a sweep experiment, for the table (``-`` for none beyond the strategy)."""
+    overrides = experiments().get(PREFIX + name, [])
+    shown = [o.split(".", 1)[1] for o in overrides if not o.startswith("aggregation.strategy=")]
+    return ", ".join(shown) or "-"
 
 
 def dvc(*args: str, capture: bool = False) -> str:
@@ -64,11 +74,12 @@ def wait_for_queue(poll_s: float = 5.0) -> None:
 
 
 def _walk(node, found: dict) -> None:
+    """name -> (data, error) of every sweep experiment revision in `dvc exp show --json`."""
     if isinstance(node, dict):
         name = node.get("name")
         data = node.get("data")
         if isinstance(name, str) and name.startswith(PREFIX) and isinstance(data, dict):
-            found[name] = data
+            found[name] = (data, node.get("error"))
         for value in node.values():
             _walk(value, found)
     elif isinstance(node, list):
@@ -80,10 +91,10 @@ def collect() -> list[dict]:
     found: dict[str, dict] = {}
     _walk(json.loads(dvc("exp", "show", "--json", capture=True)), found)
     rows = []
-    for name, data in sorted(found.items()):
+    for name, (data, error) in sorted(found.items()):
         metrics = (data.get("metrics") or {}).get("metrics/eval/aggregated.json", {}).get("data", {})
         params = (data.get("params") or {}).get("params.yaml", {}).get("data", {}).get("aggregation", {})
-        if not metrics:
+        if error or not metrics:  # a failed run still lists its baseline's metrics: never show those as its own
             rows.append({"name": name[len(PREFIX):], "status": "failed", "metrics": {}, "params": params})
             continue
         rows.append({"name": name[len(PREFIX):], "status": "ok", "metrics": metrics, "params": params})
@@ -92,13 +103,12 @@ def collect() -> list[dict]:
 
 def write_comparison(rows: list[dict], out_dir: Path) -> str:
     groups = sorted({k[4:] for r in rows for k in r["metrics"] if k.startswith("wer_")})
-    header = ["experiment", "strategy", "preset/weights", "WER", *[f"WER {g}" for g in groups], "BLEU"]
+    header = ["experiment", "strategy", "settings", "WER", *[f"WER {g}" for g in groups], "BLEU"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
     ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["metrics"].get("wer", float("inf")))
     for r in ok + [r for r in rows if r["status"] != "ok"]:
         m, p = r["metrics"], r["params"]
-        how = p.get("preset") or (p.get("weights") and str(p.get("weights"))) or "-"
-        cells = [r["name"], str(p.get("strategy", "?")), str(how)]
+        cells = [r["name"], str(p.get("strategy", "?")), settings(r["name"])]
         cells += [f"{m[k]:.2f}" if isinstance(m.get(k), (int, float)) else r["status"]
                   for k in ["wer", *[f"wer_{g}" for g in groups], "bleu"]]
         lines.append("| " + " | ".join(cells) + " |")
@@ -137,8 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", "-j", type=int, default=1, help="parallel queue workers")
     parser.add_argument("--collect", action="store_true", help="skip running; only collect existing experiments")
     parser.add_argument("--out", type=Path, default=Path("metrics"))
+    parser.add_argument("--only", nargs="+", metavar="NAME",
+                        help="run only these experiments (e.g. krum bias_best_light); the table covers all")
     args = parser.parse_args(argv)
     runs = experiments()
+    if args.only:
+        unknown = sorted(set(PREFIX + n for n in args.only) - set(runs))
+        if unknown:
+            parser.error(f"--only: unknown experiment(s) {unknown}; known: {sorted(n[len(PREFIX):] for n in runs)}")
+        runs = {PREFIX + n: runs[PREFIX + n] for n in args.only}
     if not args.collect:
         stale = remove_previous(runs)
         if stale:

@@ -17,13 +17,13 @@ def sweep():
     return module
 
 
-def _rev(name, rev, agg_params, wer=None):
+def _rev(name, rev, agg_params, wer=None, error=None):
     metrics = {"metrics/prepare.json": {"data": {"items/en-us/train": 65}},
                "metrics/aggregate.json": {"data": {"weight/a": 0.5}}}
     if wer is not None:
         metrics["metrics/eval/aggregated.json"] = {"data": {"wer": wer, "bleu": 90.0 - wer, "wer_a": wer - 1,
                                                              "wer_b": wer + 1, "cer": wer / 2}}
-    return {"rev": rev, "name": name, "error": None, "experiments": None,
+    return {"rev": rev, "name": name, "error": error, "experiments": None,
             "data": {"rev": rev, "timestamp": "2026-11-27T09:18:09", "meta": {}, "deps": {}, "outs": {},
                      "params": {"params.yaml": {"data": {"aggregation": agg_params, "clients": ["a", "b"]}}},
                      "metrics": metrics}}
@@ -40,6 +40,9 @@ def exp_show_json():
          "revs": [_rev("sweep-ties", "1a2b3c4d", {"strategy": "ties", "preset": None, "weights": None}, 4.5)]},
         {"executor": None, "name": "sweep-krum",  # failed: no metrics of the aggregated model
          "revs": [_rev("sweep-krum", "5e6f7a8b", {"strategy": "krum", "preset": None, "weights": None})]},
+        {"executor": {"state": "failed"}, "name": "sweep-multi-krum",  # failed, but lists the baseline's metrics
+         "revs": [_rev("sweep-multi-krum", "6f7a8b9c", {"strategy": "multi_krum", "preset": None, "weights": None},
+                       5.2, error={"type": "ReproductionError", "msg": "failed to reproduce 'aggregate'"})]},
         {"executor": None, "name": "finer-ring",  # not part of the sweep
          "revs": [_rev("finer-ring", "0badc0de", {"strategy": "mean", "preset": None, "weights": [1, 2]}, 9.9)]},
     ]
@@ -53,7 +56,8 @@ def test_experiments_cover_the_ten_presets_and_the_other_strategies(sweep):
     runs = sweep.experiments()
     assert len(PRESETS) == 10 and len(runs) == 10 + len(sweep.STRATEGIES)
     assert runs["sweep-bias_best_heavy"] == ["aggregation.preset=bias_best_heavy"]
-    assert runs["sweep-multi-krum"] == ["aggregation.strategy=multi_krum"]
+    assert runs["sweep-multi-krum"] == ["aggregation.strategy=multi_krum", "aggregation.f=0", "aggregation.m=2"]
+    assert runs["sweep-krum"] == ["aggregation.strategy=krum", "aggregation.f=0"]
     assert all(name.startswith(sweep.PREFIX) for name in runs)
 
 
@@ -61,14 +65,15 @@ def test_collect_and_comparison(sweep, monkeypatch, tmp_path):
     monkeypatch.setattr(sweep, "dvc", lambda *args, capture=False: json.dumps(exp_show_json()))
     rows = sweep.collect()
     assert [(r["name"], r["status"]) for r in rows] == [
-        ("bias_best_light", "ok"), ("krum", "failed"), ("ties", "ok")]
+        ("bias_best_light", "ok"), ("krum", "failed"), ("multi-krum", "failed"), ("ties", "ok")]
     markdown = sweep.write_comparison(rows, tmp_path)
     table = [ln for ln in markdown.splitlines() if ln.startswith("| ")]
-    assert table[0] == "| experiment | strategy | preset/weights | WER | WER a | WER b | BLEU |"
+    assert table[0] == "| experiment | strategy | settings | WER | WER a | WER b | BLEU |"
     # sorted by WER, the failed run last
     assert table[1] == "| ties | ties | - | 4.50 | 3.50 | 5.50 | 85.50 |"
-    assert table[2] == "| bias_best_light | mean | bias_best_light | 6.00 | 5.00 | 7.00 | 84.00 |"
-    assert table[3].startswith("| krum | krum | - | failed")
+    assert table[2] == "| bias_best_light | mean | preset=bias_best_light | 6.00 | 5.00 | 7.00 | 84.00 |"
+    assert table[3].startswith("| krum | krum | f=0 | failed")
+    assert table[4].startswith("| multi-krum | multi_krum | f=0, m=2 | failed")
     assert (tmp_path / "sweep.md").read_text().startswith("# Aggregation sweep")
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*tmp*"))
@@ -77,7 +82,7 @@ def test_collect_and_comparison(sweep, monkeypatch, tmp_path):
 def test_main_collect_reports_failures(sweep, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(sweep, "dvc", lambda *args, capture=False: json.dumps(exp_show_json()))
     assert sweep.main(["--collect", "--out", str(tmp_path)]) == 1
-    assert "1 experiment(s) failed: krum" in capsys.readouterr().err
+    assert "2 experiment(s) failed: krum, multi-krum" in capsys.readouterr().err
     monkeypatch.setattr(sweep, "dvc", lambda *args, capture=False: json.dumps(exp_show_json()[:1]))
     assert sweep.main(["--collect", "--out", str(tmp_path)]) == 1
     assert "no sweep experiments found" in capsys.readouterr().err
@@ -99,3 +104,15 @@ def test_queueing_never_forces_a_full_repro(sweep, monkeypatch):
     queued = [c for c in calls if c[:3] == ("exp", "run", "--queue")]
     assert len(queued) == len(runs)
     assert not any("--force" in c or "-f" in c for c in queued)
+
+
+def test_only_runs_the_named_experiments(sweep, monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(sweep, "dvc", lambda *args, capture=False: calls.append(args) or (
+        json.dumps(exp_show_json()) if args[:2] == ("exp", "show") else ""))
+    monkeypatch.setattr(sweep, "wait_for_queue", lambda: None)
+    sweep.main(["--only", "krum", "ties", "--out", str(tmp_path)])
+    queued = [c for c in calls if c[:3] == ("exp", "run", "--queue")]
+    assert [c[4] for c in queued] == ["sweep-krum", "sweep-ties"]
+    with pytest.raises(SystemExit):
+        sweep.main(["--only", "kurm"])
