@@ -73,31 +73,37 @@ def wait_for_queue(poll_s: float = 5.0) -> None:
         time.sleep(poll_s)
 
 
-def _walk(node, found: dict) -> None:
-    """name -> (data, error) of every sweep experiment revision in `dvc exp show --json`."""
-    if isinstance(node, dict):
-        name = node.get("name")
-        data = node.get("data")
-        if isinstance(name, str) and name.startswith(PREFIX) and isinstance(data, dict):
-            found[name] = (data, node.get("error"))
-        for value in node.values():
-            _walk(value, found)
-    elif isinstance(node, list):
-        for value in node:
-            _walk(value, found)
+def _revisions(shown: list) -> dict[str, tuple[dict, object, str]]:
+    """name -> (data, error, baseline rev) of the newest revision of every sweep experiment.
+
+    `dvc exp show --json --all-commits` lists each baseline commit with its experiments; an experiment re-run
+    (``--only``) on a newer commit replaces the older run of the same name.
+    """
+    found: dict[str, tuple[dict, object, str]] = {}
+    for baseline in shown if isinstance(shown, list) else []:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                name, data = rev.get("name"), rev.get("data")
+                if not (isinstance(name, str) and name.startswith(PREFIX) and isinstance(data, dict)):
+                    continue
+                old = found.get(name)
+                if old is None or str(data.get("timestamp") or "") > str(old[0].get("timestamp") or ""):
+                    found[name] = (data, rev.get("error"), str(baseline.get("rev", "?"))[:7])
+    return found
 
 
 def collect() -> list[dict]:
-    found: dict[str, dict] = {}
-    _walk(json.loads(dvc("exp", "show", "--json", capture=True)), found)
+    found = _revisions(json.loads(dvc("exp", "show", "--json", "--all-commits", capture=True)))
     rows = []
-    for name, (data, error) in sorted(found.items()):
+    for name, (data, error, baseline) in sorted(found.items()):
         metrics = (data.get("metrics") or {}).get("metrics/eval/aggregated.json", {}).get("data", {})
         params = (data.get("params") or {}).get("params.yaml", {}).get("data", {}).get("aggregation", {})
         if error or not metrics:  # a failed run still lists its baseline's metrics: never show those as its own
-            rows.append({"name": name[len(PREFIX):], "status": "failed", "metrics": {}, "params": params})
+            rows.append({"name": name[len(PREFIX):], "status": "failed", "metrics": {}, "params": params,
+                         "baseline": baseline})
             continue
-        rows.append({"name": name[len(PREFIX):], "status": "ok", "metrics": metrics, "params": params})
+        rows.append({"name": name[len(PREFIX):], "status": "ok", "metrics": metrics, "params": params,
+                     "baseline": baseline})
     return rows
 
 
@@ -113,6 +119,10 @@ def write_comparison(rows: list[dict], out_dir: Path) -> str:
                   for k in ["wer", *[f"wer_{g}" for g in groups], "bleu"]]
         lines.append("| " + " | ".join(cells) + " |")
     markdown = "# Aggregation sweep (test WER %, aggregated model)\n\n" + "\n".join(lines) + "\n"
+    baselines = sorted({r.get("baseline") for r in rows if r.get("baseline")})
+    if len(baselines) > 1:
+        counts = ", ".join(f"{b} ({sum(r.get('baseline') == b for r in rows)})" for b in baselines)
+        markdown += f"\nExperiments from {len(baselines)} baseline commits: {counts}.\n"
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / f".sweep.md.tmp-{os.getpid()}"
     tmp.write_text(markdown + "\n![sweep](sweep.png)\n", encoding="utf-8")

@@ -17,14 +17,14 @@ def sweep():
     return module
 
 
-def _rev(name, rev, agg_params, wer=None, error=None):
+def _rev(name, rev, agg_params, wer=None, error=None, timestamp="2026-11-27T09:18:09"):
     metrics = {"metrics/prepare.json": {"data": {"items/en-us/train": 65}},
                "metrics/aggregate.json": {"data": {"weight/a": 0.5}}}
     if wer is not None:
         metrics["metrics/eval/aggregated.json"] = {"data": {"wer": wer, "bleu": 90.0 - wer, "wer_a": wer - 1,
                                                              "wer_b": wer + 1, "cer": wer / 2}}
     return {"rev": rev, "name": name, "error": error, "experiments": None,
-            "data": {"rev": rev, "timestamp": "2026-11-27T09:18:09", "meta": {}, "deps": {}, "outs": {},
+            "data": {"rev": rev, "timestamp": timestamp, "meta": {}, "deps": {}, "outs": {},
                      "params": {"params.yaml": {"data": {"aggregation": agg_params, "clients": ["a", "b"]}}},
                      "metrics": metrics}}
 
@@ -46,8 +46,15 @@ def exp_show_json():
         {"executor": None, "name": "finer-ring",  # not part of the sweep
          "revs": [_rev("finer-ring", "0badc0de", {"strategy": "mean", "preset": None, "weights": [1, 2]}, 9.9)]},
     ]
+    older = _rev("0ldc0mm1t", "0ldc0mm1t", {"strategy": "mean", "preset": None, "weights": None}, 5.2)
+    older["experiments"] = [  # an earlier sweep on an older commit: its ties run is replaced by the newer one
+        {"executor": None, "name": "sweep-ties", "revs": [_rev("sweep-ties", "aaaa1111", {"strategy": "ties"}, 9.0,
+                                                                timestamp="2026-11-26T10:00:00")]},
+        {"executor": None, "name": "sweep-median", "revs": [_rev("sweep-median", "bbbb2222", {"strategy": "median"},
+                                                                  4.0, timestamp="2026-11-26T10:01:00")]},
+    ]
     workspace = _rev(None, "workspace", {"strategy": "mean", "preset": None, "weights": None}, 5.2)
-    return [workspace, main]
+    return [workspace, main, older]
 
 
 def test_experiments_cover_the_ten_presets_and_the_other_strategies(sweep):
@@ -65,15 +72,18 @@ def test_collect_and_comparison(sweep, monkeypatch, tmp_path):
     monkeypatch.setattr(sweep, "dvc", lambda *args, capture=False: json.dumps(exp_show_json()))
     rows = sweep.collect()
     assert [(r["name"], r["status"]) for r in rows] == [
-        ("bias_best_light", "ok"), ("krum", "failed"), ("multi-krum", "failed"), ("ties", "ok")]
+        ("bias_best_light", "ok"), ("krum", "failed"), ("median", "ok"), ("multi-krum", "failed"), ("ties", "ok")]
+    assert {r["name"]: r["baseline"] for r in rows}["median"] == "0ldc0mm"
     markdown = sweep.write_comparison(rows, tmp_path)
     table = [ln for ln in markdown.splitlines() if ln.startswith("| ")]
     assert table[0] == "| experiment | strategy | settings | WER | WER a | WER b | BLEU |"
-    # sorted by WER, the failed run last
-    assert table[1] == "| ties | ties | - | 4.50 | 3.50 | 5.50 | 85.50 |"
-    assert table[2] == "| bias_best_light | mean | preset=bias_best_light | 6.00 | 5.00 | 7.00 | 84.00 |"
-    assert table[3].startswith("| krum | krum | f=0 | failed")
-    assert table[4].startswith("| multi-krum | multi_krum | f=0, m=2 | failed")
+    # sorted by WER, the failed runs last; the newer ties run (4.50) replaced the older one (9.00)
+    assert table[1] == "| median | median | - | 4.00 | 3.00 | 5.00 | 86.00 |"
+    assert table[2] == "| ties | ties | - | 4.50 | 3.50 | 5.50 | 85.50 |"
+    assert table[3] == "| bias_best_light | mean | preset=bias_best_light | 6.00 | 5.00 | 7.00 | 84.00 |"
+    assert table[4].startswith("| krum | krum | f=0 | failed")
+    assert table[5].startswith("| multi-krum | multi_krum | f=0, m=2 | failed")
+    assert "Experiments from 2 baseline commits: 0ldc0mm (1), 3da274a (4)." in markdown
     assert (tmp_path / "sweep.md").read_text().startswith("# Aggregation sweep")
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*tmp*"))
@@ -84,7 +94,7 @@ def test_main_collect_reports_failures(sweep, monkeypatch, tmp_path, capsys):
     assert sweep.main(["--collect", "--out", str(tmp_path)]) == 1
     assert "2 experiment(s) failed: krum, multi-krum" in capsys.readouterr().err
     monkeypatch.setattr(sweep, "dvc", lambda *args, capture=False: json.dumps(exp_show_json()[:1]))
-    assert sweep.main(["--collect", "--out", str(tmp_path)]) == 1
+    assert sweep.main(["--collect", "--out", str(tmp_path)]) == 1  # workspace only: no experiments
     assert "no sweep experiments found" in capsys.readouterr().err
 
 
