@@ -7,12 +7,18 @@ fifth) is then replaced by a poisoned model, in two variants:
 - ``random``: base + a large random delta, N(0, (s * rms(base tensor))^2) per entry (``--random-scale`` s = 1.0);
 - ``signflip``: base - k * (victim - base), the victim's own update reversed (``--flip-scale`` k = 1.0).
 
+With ``--iid N``, the clients are instead N clients fine-tuned here (default params) on an IID partition of the
+default data (``prepare.partition.mode: iid``: every client gets every accent), the setting Krum was designed for;
+the last one is the victim. Training takes about 100 s per client on 2 CPU cores; the clients are kept in
+``--work`` and reused by a later run.
+
 Each client set is merged with mean, median, trimmed_mean and krum through the library's aggregate call, and each
 merged model is evaluated on the pooled prepared test split with ``fedwhisper.decode.evaluate.evaluate_model``
 (identical merged weights are decoded once). Prints a markdown table of pooled WER, with the clean uniform mean as
 the baseline measured in the same run.
 
     python bench/poisoned_clients.py [--work /tmp/poison] [--batch-size 16] [--strategies mean median ...]
+    python bench/poisoned_clients.py --iid 5        # five IID clients trained first
 """
 
 from __future__ import annotations
@@ -98,22 +104,56 @@ def weights_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def train_iid_clients(args, work: Path) -> tuple[list[str], Path]:
+    """Prepare the default data as ``args.iid`` IID clients and fine-tune each with the default finetune params
+    (skipping clients already trained in ``work``); returns (client names, prepared root)."""
+    import dataclasses
+
+    from fedwhisper.data.partition import client_names
+    from fedwhisper.data.prepare import run_prepare
+    from fedwhisper.params import load_params
+    from fedwhisper.train.trainer import run_finetune
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
+    from prepare import load_token_counter  # the prepare stage's label-length counter (base tokenizer)
+
+    params = load_params(args.params)
+    names = client_names(args.iid)
+    partition = dataclasses.replace(params.prepare.partition, mode="iid", num_clients=args.iid)
+    params = dataclasses.replace(params, clients=names,
+                                 prepare=dataclasses.replace(params.prepare, partition=partition))
+    root = work / f"iid{args.iid}"
+    prepared = root / "prepared"
+    if not (prepared / "manifest.json").is_file():
+        run_prepare(params, load_token_counter(args.base), prepared, root / "metrics")
+    for name in names:
+        if not (root / "clients" / name / "model.safetensors").is_file():
+            print(f"training IID client {name}", file=sys.stderr, flush=True)
+            run_finetune(params.finetune, name, base_dir=args.base, data_root=prepared, out_root=root / "clients",
+                         checkpoint_root=root / "checkpoints", metrics_root=root / "metrics" / "finetune")
+    return names, prepared
+
+
 def build_clients(args, work: Path) -> tuple[list[str], dict[str, list[Path]]]:
     """Client names and, per variant, the five input dirs."""
     from fedwhisper.params import load_params
 
     params = load_params(args.params)
-    clients = list(args.clients or params.clients)
-    dirs = [args.clients_dir / c for c in clients]
-    missing = [str(d) for d in dirs if not (d / "model.safetensors").is_file()]
-    if missing:
-        raise SystemExit(f"missing trained clients: {', '.join(missing)}; run `make run` (dvc repro) first")
-    a, b = args.fifth
-    fifth_name = f"mix-{a}+{b}"
-    fifth = work / "inputs" / fifth_name
-    merge(params, [args.clients_dir / a, args.clients_dir / b], [a, b], args.base, fifth, "mean")
-    names = clients + [fifth_name]
-    clean = dirs + [fifth]
+    if args.iid:
+        names = list(args.iid_names)
+        clean = [work / f"iid{args.iid}" / "clients" / c for c in names]
+    else:
+        clients = list(args.clients or params.clients)
+        dirs = [args.clients_dir / c for c in clients]
+        missing = [str(d) for d in dirs if not (d / "model.safetensors").is_file()]
+        if missing:
+            raise SystemExit(f"missing trained clients: {', '.join(missing)}; run `make run` (dvc repro) first")
+        a, b = args.fifth
+        fifth_name = f"mix-{a}+{b}"
+        fifth = work / "inputs" / fifth_name
+        merge(params, [args.clients_dir / a, args.clients_dir / b], [a, b], args.base, fifth, "mean")
+        names = clients + [fifth_name]
+        clean = dirs + [fifth]
     victim = names.index(args.victim) if args.victim else len(names) - 1
     base_state = _read(args.base)
     victim_state = _read(clean[victim])
@@ -163,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--per-client", type=int, help="evaluate on the first N test rows (by id) of each client only")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--iid", type=int, metavar="N",
+                    help="use N clients fine-tuned here on an IID partition of the default data instead")
     ap.add_argument("--work", type=Path, default=Path("/tmp/fedwhisper-poison"))
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
@@ -174,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     params = load_params(args.params)
+    if args.iid:
+        if args.iid < 4:
+            raise SystemExit("--iid: krum with f=1 needs n > 2f + 2, so at least 4 clients")
+        args.iid_names, args.prepared = train_iid_clients(args, work)
     names, sets = build_clients(args, work)
     prepared = subset_prepared(args.prepared, args.per_client, work / "prepared") if args.per_client else args.prepared
     ev = EvaluateParams(**{**{k: getattr(params.evaluate, k) for k in ("backend", "beam_size", "language", "task",
