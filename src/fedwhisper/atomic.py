@@ -99,3 +99,18 @@ def remove_stale_siblings(path: str | Path) -> list[Path]:
         log.warning("removed %s, left by a killed run (its process no longer exists)", stale)
         removed.append(stale)
     return removed
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through ``<path>.tmp-<pid>`` and a rename, after removing the stale
+    siblings of ``path``; a failed write leaves no temporary file and the old ``path`` untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

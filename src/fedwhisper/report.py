@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedwhisper.atomic import remove_stale_siblings
+from fedwhisper.atomic import remove_stale_siblings, write_text_atomic
 from fedwhisper.errors import FedWhisperError
 
 
@@ -97,7 +97,7 @@ def write_plot_csv(scores: list[ModelScores], groups: list[str], path: Path) -> 
             value = s.get("wer" if g == "pooled" else f"wer_{g}")
             if value is not None:
                 writer.writerow([f"{s.name} | {g}", s.name, g, f"{value:.4f}"])
-    _atomic_write_text(path, buf.getvalue())
+    write_text_atomic(path, buf.getvalue())
 
 
 def write_chart(scores: list[ModelScores], groups: list[str], path: Path) -> None:
@@ -126,14 +126,6 @@ def write_chart(scores: list[ModelScores], groups: list[str], path: Path) -> Non
     os.replace(tmp, path)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_siblings(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _aggregation_line(aggregate_json: Path) -> str:
     if not aggregate_json.exists():
         return ""
@@ -158,5 +150,5 @@ def build_report(metrics_dir: Path, clients: list[str]) -> str:
     markdown = "\n".join(parts)
     write_plot_csv(scores, groups, metrics_dir / "wer_by_group.csv")
     write_chart(scores, groups, metrics_dir / "report.png")
-    _atomic_write_text(metrics_dir / "report.md", markdown)
+    write_text_atomic(metrics_dir / "report.md", markdown)
     return markdown

@@ -181,7 +181,7 @@ def test_finetune_export_removes_dead_staging(tmp_path, tiny_random_dir, dead_pi
 
 
 def test_evaluate_prepare_report_writers_remove_dead_leftovers(tmp_path, dead_pid, live_pid, caplog):
-    from fedwhisper.data.prepare import _atomic_write_text as prepare_write_text
+    from fedwhisper.atomic import write_text_atomic as prepare_write_text
     from fedwhisper.decode.evaluate import write_metrics_json, write_predictions_csv
     from fedwhisper.report import build_report
 

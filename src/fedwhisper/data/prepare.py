@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm import tqdm
 
-from fedwhisper.atomic import remove_stale_siblings
+from fedwhisper.atomic import remove_stale_siblings, write_text_atomic
 from fedwhisper.audio import SAMPLING_RATE, load_16k_mono, to_16k_mono
 from fedwhisper.data.partition import SPLITS, assign_clients, assign_splits, client_names, resolve_split_map, subsample
 from fedwhisper.data.prepared import split_path, write_manifest, write_split
@@ -304,21 +304,13 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_siblings(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def _write_drops_csv(path: Path, drops: list[Drop]) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["id", "origin", "reason", "detail"])
     for d in drops:
         writer.writerow([d.id, d.origin, d.reason, d.detail])
-    _atomic_write_text(path, buf.getvalue())
+    write_text_atomic(path, buf.getvalue())
 
 
 def metrics_dict(summary: PrepareSummary, clients: list[str]) -> dict[str, float | int]:
@@ -342,4 +334,4 @@ def metrics_dict(summary: PrepareSummary, clients: list[str]) -> dict[str, float
 
 
 def _write_metrics(path: Path, summary: PrepareSummary, clients: list[str]) -> None:
-    _atomic_write_text(path, json.dumps(metrics_dict(summary, clients), indent=2) + "\n")
+    write_text_atomic(path, json.dumps(metrics_dict(summary, clients), indent=2) + "\n")

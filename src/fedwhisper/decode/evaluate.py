@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from fedwhisper.decode.backends import Backend, DecodeOptions, open_backend
 from fedwhisper.decode.metrics import normalize_texts, score_corpus
 from fedwhisper.decode.transcribe import transcribe_audios, transcribe_indexed
-from fedwhisper.atomic import remove_stale_siblings
+from fedwhisper.atomic import remove_stale_siblings, write_text_atomic
 from fedwhisper.errors import DataError
 from fedwhisper.params import EvaluateParams
 
@@ -218,10 +218,7 @@ def write_predictions_csv(path: Path, rows: Iterable[dict[str, Any]]) -> None:
 
 
 def write_metrics_json(path: Path, metrics: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(metrics, indent=2) + "\n")
 
 
 def evaluate_model(

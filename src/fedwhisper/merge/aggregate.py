@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import torch
 
-from fedwhisper.atomic import remove_stale_siblings
+from fedwhisper.atomic import remove_stale_siblings, write_text_atomic
 from fedwhisper.errors import CheckpointError, MergeError
 from fedwhisper.formats.checkpoints import WEIGHT_SUFFIXES, CheckpointReader, open_checkpoint
 from fedwhisper.formats.hf import replace_dir
@@ -183,11 +183,7 @@ def _refuse_duplicate_inputs(report: MergeReport) -> None:
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_siblings(path)
-    tmp = path.parent / f"{path.name}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def export_openai(hf_dir: Path, out_path: Path) -> None:

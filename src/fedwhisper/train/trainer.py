@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from fedwhisper.atomic import remove_stale_siblings
+from fedwhisper.atomic import remove_stale_siblings, write_text_atomic
 from fedwhisper.errors import CheckpointError, DataError, ParamsError
 from fedwhisper.params import FinetuneParams, to_dict
 from fedwhisper.train.collator import IGNORE_INDEX, WhisperCollator, label_ids, label_prefix, strip_decoder_start
@@ -414,10 +414,7 @@ def resume_point(checkpoint_dir: Path, fingerprint: dict) -> Optional[Path]:
         for _, path in found:
             shutil.rmtree(path)
         found = []
-    remove_stale_siblings(fp_file)
-    tmp = fp_file.with_name(f"{fp_file.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, fp_file)
+    write_text_atomic(fp_file, json.dumps(fingerprint, indent=1, sort_keys=True) + "\n")
     # trainer_state.json is the last file the Trainer writes into a checkpoint: without it the save was cut short.
     while found and not (found[-1][1] / "trainer_state.json").is_file():
         log.warning("%s: incomplete checkpoint (no trainer_state.json), removing it", found[-1][1])
@@ -513,11 +510,7 @@ def build_trainer(ft: FinetuneParams, model, tokenizer, multilingual: bool, trai
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_siblings(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def export_client_model(model, base_dir: Path, out_dir: Path, summary: dict) -> Path:
