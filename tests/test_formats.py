@@ -382,3 +382,40 @@ def test_hub_id_offline_fails_clearly(tmp_path):
     with pytest.raises(CheckpointError, match=r"'fedwhisper-test/no-such-model'.*hub id \(no such local directory\)"):
         materialize_base("fedwhisper-test/no-such-model", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_sha256_file_matches_hashlib_across_buffers_and_files(tmp_path):
+    """The reader thread fills a ring of buffers: content longer than several buffers, files concatenated in the
+    given order, an empty file, and a file ending mid-buffer all hash like hashlib on the whole bytes."""
+    import hashlib
+    import threading
+
+    from fedwhisper.formats.checkpoints import sha256_file
+
+    rng = np.random.default_rng(0)
+    a, b, empty = tmp_path / "a.bin", tmp_path / "b.bin", tmp_path / "empty.bin"
+    a.write_bytes(rng.bytes(10 * 1000 + 7))
+    b.write_bytes(rng.bytes(4096))
+    empty.write_bytes(b"")
+    threads = threading.active_count()
+    assert sha256_file(a, chunk=1000) == hashlib.sha256(a.read_bytes()).hexdigest()
+    assert sha256_file([a, empty, b], chunk=1000) == hashlib.sha256(a.read_bytes() + b.read_bytes()).hexdigest()
+    assert sha256_file([b, a], chunk=4096) == hashlib.sha256(b.read_bytes() + a.read_bytes()).hexdigest()
+    assert sha256_file(empty) == hashlib.sha256(b"").hexdigest()
+    assert threading.active_count() == threads  # the reader thread ended every time
+
+
+def test_sha256_file_read_errors_reach_the_caller(tmp_path):
+    """An unreadable path in the list raises in the caller (not lost in the reader thread), which then ends."""
+    import threading
+
+    from fedwhisper.formats.checkpoints import sha256_file
+
+    good = tmp_path / "good.bin"
+    good.write_bytes(b"x" * 5000)
+    threads = threading.active_count()
+    with pytest.raises(FileNotFoundError, match="missing.bin"):
+        sha256_file([good, tmp_path / "missing.bin"], chunk=1000)
+    with pytest.raises(IsADirectoryError):
+        sha256_file(tmp_path, chunk=1000)
+    assert threading.active_count() == threads

@@ -49,7 +49,7 @@ _MALLOC_TUNED = False
 
 
 def _tune_malloc() -> None:
-    """Fix glibc's mmap threshold at 32 MiB and keep freed heap: the per-chunk buffers (<= 16 MiB) are then
+    """Fix glibc's mmap threshold at 32 MiB and keep freed heap: the per-chunk buffers (1 MiB each) are then
     reused from the heap instead of being mapped and zero-filled afresh for every chunk, and whole tensors above
     32 MiB (TIES) are mapped and returned to the system on free. (glibc otherwise moves the threshold after the
     first large free, and fragmentation keeps freed whole tensors resident.)"""
@@ -61,7 +61,7 @@ def _tune_malloc() -> None:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: chunk buffers (<= 16 MiB) are reused from the heap
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: chunk buffers are reused from the heap
         libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD: keep freed heap for the next chunk (no page faults)
     except (OSError, AttributeError):  # not glibc: keep the allocator's defaults
         pass
@@ -242,7 +242,11 @@ def _nonfinite_error(reader: CheckpointReader, name: str, count: int) -> Checkpo
     )
 
 
-CHUNK_ELEMENTS = 1 << 22  # elementwise work goes in flat chunks of 4M entries (16 MiB per input in float32)
+# Elementwise work goes in flat chunks of 256K entries (1 MiB per input in float32): the five-odd float32 copies
+# of a chunk and its temporaries then stay in the CPU's caches across the merge and the screening statistics. On
+# the 809M-parameter benchmark (4 clients + base, warm page cache, no hashing) a merge took 7.2 s with 4M-entry
+# chunks, 5.1 s with 1M, 3.9 s with 256K, 4.4 s with 128K (more Python overhead per entry).
+CHUNK_ELEMENTS = 1 << 18
 
 
 def _ranges(numel: int, chunked: bool) -> list[tuple[int, int] | None]:
