@@ -6,6 +6,7 @@ Replaces seed 000's run_aggregation_configs.py. Each experiment re-runs only `ag
     python scripts/sweep.py               # queue, run with one worker, collect
     python scripts/sweep.py --jobs 2      # two workers
     python scripts/sweep.py --collect     # only rebuild the comparison from existing experiments
+    python scripts/sweep.py --collect --wait   # wait for queued sweep experiments (after `dvc queue start`), then collect
 """
 
 from __future__ import annotations
@@ -65,11 +66,49 @@ def queue_all(runs: dict[str, list[str]]) -> None:
         dvc("exp", "run", "--queue", "-n", name, *sets)
 
 
-def wait_for_queue(poll_s: float = 5.0) -> None:
+def parse_queue_status(text: str) -> tuple[dict[str, str], int | None]:
+    """`dvc queue status` output -> ({experiment name: status}, number of workers, active or idle).
+
+    The table's last column is the status (Queued, Running, Success, Failed) and its second the name; the last
+    line reads "Worker status: N active, M idle". Workers is None when that line is missing.
+    """
+    statuses: dict[str, str] = {}
+    workers = None
+    for line in text.splitlines():
+        words = line.split()
+        if line.startswith("Worker status:"):
+            numbers = [int(w) for w in line.replace(",", " ").split() if w.isdigit()]
+            workers = sum(numbers) if numbers else None
+        elif len(words) >= 4 and words[-1] in ("Queued", "Running", "Success", "Failed"):
+            statuses[words[1]] = words[-1]
+    return statuses, workers
+
+
+def wait_for_queue(names: list[str], poll_s: float = 5.0, stall_polls: int = 12, status=None) -> None:
+    """Wait until none of ``names`` is queued or running, printing progress as it changes.
+
+    Stops with an error when experiments stay queued while no queue worker exists for ``stall_polls`` polls in a
+    row (the workers were killed, or never started), instead of waiting forever.
+    """
+    status = status or (lambda: dvc("queue", "status", capture=True))
+    last, stalled = None, 0
     while True:
-        status = dvc("queue", "status", capture=True)
-        if not any(word in status for word in ("Queued", "Running")):
+        statuses, workers = parse_queue_status(status())
+        ours = [statuses[n] for n in names if n in statuses]  # unlisted: not in the queue (run and cleared)
+        counts = {k: ours.count(k) for k in ("Success", "Failed", "Running", "Queued")}
+        summary = (f"sweep: {counts['Success'] + counts['Failed']}/{len(ours)} done ({counts['Failed']} failed), "
+                   f"{counts['Running']} running, {counts['Queued']} queued")
+        if summary != last:
+            print(summary, flush=True)
+            last = summary
+        if not counts["Running"] and not counts["Queued"]:
             return
+        stalled = stalled + 1 if (workers == 0 and not counts["Running"]) else 0
+        if stalled >= stall_polls:
+            raise SystemExit(
+                f"sweep: {counts['Queued']} experiment(s) still queued but no queue worker is running; "
+                "start one with `dvc queue start`, then `python scripts/sweep.py --wait` (or see `dvc queue logs`)"
+            )
         time.sleep(poll_s)
 
 
@@ -156,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", "-j", type=int, default=1, help="parallel queue workers")
     parser.add_argument("--collect", action="store_true", help="skip running; only collect existing experiments")
+    parser.add_argument("--wait", action="store_true",
+                        help="with --collect: first wait for this sweep's queued experiments to finish")
     parser.add_argument("--out", type=Path, default=Path("metrics"))
     parser.add_argument("--only", nargs="+", metavar="NAME",
                         help="run only these experiments (e.g. krum bias_best_light); the table covers all")
@@ -173,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sweep: queueing {len(runs)} experiments", flush=True)
         queue_all(runs)
         dvc("queue", "start", "-j", str(args.jobs))
-        wait_for_queue()
+    if not args.collect or args.wait:
+        wait_for_queue(sorted(runs))
     rows = collect()
     if not rows:
         print("sweep: no sweep experiments found (dvc exp show)", file=sys.stderr)

@@ -120,9 +120,61 @@ def test_only_runs_the_named_experiments(sweep, monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(sweep, "dvc", lambda *args, capture=False: calls.append(args) or (
         json.dumps(exp_show_json()) if args[:2] == ("exp", "show") else ""))
-    monkeypatch.setattr(sweep, "wait_for_queue", lambda: None)
+    waited = []
+    monkeypatch.setattr(sweep, "wait_for_queue", lambda names: waited.append(names))
     sweep.main(["--only", "krum", "ties", "--out", str(tmp_path)])
     queued = [c for c in calls if c[:3] == ("exp", "run", "--queue")]
     assert [c[4] for c in queued] == ["sweep-krum", "sweep-ties"]
+    assert waited == [["sweep-krum", "sweep-ties"]]  # waits for its own experiments only
     with pytest.raises(SystemExit):
         sweep.main(["--only", "kurm"])
+
+
+QUEUE_STATUS = """Task     Name                   Created    Status
+9ec0365  sweep-bias_best_light  10:02 AM   Success
+1a2b3c4  sweep-ties             10:02 AM   Running
+5e6f7a8  sweep-median           10:03 AM   Queued
+0b1c2d3  sweep-krum             Nov 26     Failed
+77aa88b  other-exp              10:04 AM   Queued
+
+Worker status: 1 active, 0 idle
+"""
+
+
+def test_parse_queue_status(sweep):
+    statuses, workers = sweep.parse_queue_status(QUEUE_STATUS)
+    assert statuses == {"sweep-bias_best_light": "Success", "sweep-ties": "Running", "sweep-median": "Queued",
+                        "sweep-krum": "Failed", "other-exp": "Queued"}
+    assert workers == 1
+    assert sweep.parse_queue_status("No experiment tasks in the queue.\n\nWorker status: 0 active, 0 idle\n") == ({}, 0)
+
+
+def test_wait_for_queue_reports_progress_and_returns_when_ours_are_done(sweep, capsys):
+    """Another experiment still queued does not keep the sweep waiting; progress is printed as it changes."""
+    names = ["sweep-bias_best_light", "sweep-ties", "sweep-median"]
+    outputs = iter([
+        QUEUE_STATUS,
+        QUEUE_STATUS.replace("Running", "Success"),
+        QUEUE_STATUS.replace("Running", "Success").replace("10:03 AM   Queued", "10:03 AM   Success"),
+    ])
+    sweep.wait_for_queue(names, poll_s=0, status=lambda: next(outputs))
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["sweep: 1/3 done (0 failed), 1 running, 1 queued",
+                   "sweep: 2/3 done (0 failed), 0 running, 1 queued",
+                   "sweep: 3/3 done (0 failed), 0 running, 0 queued"]
+
+
+def test_wait_for_queue_stops_when_no_worker_is_left(sweep):
+    """Queued experiments with no worker (killed, or never started) end the wait with an error, not a hang."""
+    dead = QUEUE_STATUS.replace("Running", "Queued").replace("1 active, 0 idle", "0 active, 0 idle")
+    calls = []
+
+    def status():
+        calls.append(1)
+        if len(calls) > 50:
+            raise AssertionError("wait_for_queue kept polling")
+        return dead
+
+    with pytest.raises(SystemExit, match=r"2 experiment\(s\) still queued but no queue worker is running"):
+        sweep.wait_for_queue(["sweep-ties", "sweep-median"], poll_s=0, stall_polls=3, status=status)
+    assert len(calls) == 3
