@@ -110,12 +110,9 @@ def train_iid_clients(args, work: Path) -> tuple[list[str], Path]:
     import dataclasses
 
     from fedwhisper.data.partition import client_names
-    from fedwhisper.data.prepare import run_prepare
+    from fedwhisper.data.prepare import load_token_counter, run_prepare
     from fedwhisper.params import load_params
     from fedwhisper.train.trainer import run_finetune
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "stages"))
-    from prepare import load_token_counter  # the prepare stage's label-length counter (base tokenizer)
 
     params = load_params(args.params)
     names = client_names(args.iid)

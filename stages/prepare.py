@@ -5,21 +5,9 @@ import logging
 import sys
 from pathlib import Path
 
-from fedwhisper.data.prepare import run_prepare
-from fedwhisper.errors import CheckpointError, FedWhisperError
+from fedwhisper.data.prepare import load_token_counter, run_prepare
+from fedwhisper.errors import FedWhisperError
 from fedwhisper.params import load_params
-
-
-def load_token_counter(base_dir: Path):
-    """len(label ids) with the base model's tokenizer (special prefix/suffix tokens included, as in training)."""
-    from transformers import WhisperTokenizerFast
-
-    if not (base_dir / "tokenizer.json").is_file() and not (base_dir / "vocab.json").is_file():
-        raise CheckpointError(
-            f"{base_dir}: no tokenizer files; run the base stage first (`dvc repro base` or python stages/base.py)"
-        )
-    tokenizer = WhisperTokenizerFast.from_pretrained(str(base_dir))
-    return lambda text: len(tokenizer(text).input_ids)
 
 
 def main(argv: list[str] | None = None) -> int:

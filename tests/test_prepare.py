@@ -264,3 +264,12 @@ def test_unsplit_webdataset_is_carved_by_fractions(tmp_path):
     test_y = load_split(tmp_path / "o", "y", "test")
     assert all(int(i[1:]) % 2 == 1 for i in test_y["id"])
     assert all(t.startswith("sample ") for t in test_y["text"])
+
+
+def test_token_counter_needs_the_base_tokenizer(tmp_path):
+    """Label lengths are counted with the base model's tokenizer; a directory without one is named in the error."""
+    from fedwhisper.data.prepare import load_token_counter
+    from fedwhisper.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=rf"{tmp_path}: no tokenizer files; run the base stage first"):
+        load_token_counter(tmp_path)

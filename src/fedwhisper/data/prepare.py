@@ -23,7 +23,7 @@ from fedwhisper.audio import SAMPLING_RATE, load_16k_mono, to_16k_mono
 from fedwhisper.data.partition import SPLITS, assign_clients, assign_splits, client_names, resolve_split_map, subsample
 from fedwhisper.data.prepared import split_path, write_manifest, write_split
 from fedwhisper.data.sources import RawItem, Source, lookup, open_source
-from fedwhisper.errors import DataError
+from fedwhisper.errors import CheckpointError, DataError
 from fedwhisper.params import Params
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,18 @@ class PrepareSummary:
     drop_fraction: float
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     seconds: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def load_token_counter(base_dir: Path) -> Callable[[str], int]:
+    """len(label ids) with the base model's tokenizer (special prefix/suffix tokens included, as in training)."""
+    from transformers import WhisperTokenizerFast
+
+    if not (base_dir / "tokenizer.json").is_file() and not (base_dir / "vocab.json").is_file():
+        raise CheckpointError(
+            f"{base_dir}: no tokenizer files; run the base stage first (`dvc repro base` or python stages/base.py)"
+        )
+    tokenizer = WhisperTokenizerFast.from_pretrained(str(base_dir))
+    return lambda text: len(tokenizer(text).input_ids)
 
 
 def run_prepare(
