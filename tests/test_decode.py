@@ -75,6 +75,23 @@ def test_batched_equals_one_at_a_time(tiny_en_dir, agree_items, backend_outputs)
     assert single == backend_outputs["transformers"][:3]
 
 
+def test_ctranslate2_encodes_window_by_window_on_cpu_with_batched_results(tiny_en_dir, agree_items):
+    """On CPU the ctranslate2 backend encodes one 30 s window at a time (faster there) and stacks the outputs: they
+    must equal CTranslate2's batched encoder output, so the transcripts do not depend on the batch size."""
+    import ctranslate2
+
+    _, audios = agree_items
+    with open_backend("ctranslate2", tiny_en_dir, DecodeOptions(device="cpu")) as backend:
+        features = log_mel_batch(audios[:3], backend.n_mels).numpy()
+        assert backend.model.encode.func.__name__ == "_encode_window_by_window"
+        stacked = np.asarray(ctranslate2.StorageView.to_device(backend.model.encode(features), ctranslate2.Device.cpu))
+        batched = np.asarray(backend.model.model.encode(ctranslate2.StorageView.from_array(features), to_cpu=True))
+        assert stacked.shape == batched.shape == (3, 1500, 384)
+        np.testing.assert_array_equal(stacked, batched)
+        single = [backend.decode_short([a])[0] for a in audios[:3]]
+        assert backend.decode_short(audios[:3]) == single
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 def test_long_audio_is_transcribed_in_full(tiny_en_dir, sample_items, name):
     four = [sample_items[0], sample_items[40], sample_items[80], sample_items[119]]

@@ -6,6 +6,7 @@ Every backend offers ``decode_short`` (a batch of clips of at most 30 s, one pad
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import tempfile
@@ -203,6 +204,8 @@ class CTranslate2Backend(Backend):
             raise CheckpointError(f"{self.model_dir}: CTranslate2 conversion or loading failed ({exc})") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        if self.device == "cpu":  # faster-whisper's pipeline calls model.encode: route it window by window
+            self.model.encode = functools.partial(_encode_window_by_window, self.model)
         self.pipeline = BatchedInferencePipeline(self.model)
         self.n_mels = self.model.model.n_mels
         self.multilingual = self.model.model.is_multilingual
@@ -243,6 +246,28 @@ class CTranslate2Backend(Backend):
             task=self.options.task, temperature=0.0, condition_on_previous_text=False, vad_filter=False,
         )  # no max_new_tokens: with timestamps faster-whisper then loops on repeats (openai's transcribe has none)
         return " ".join(s.text.strip() for s in segments).strip()
+
+
+def _encode_window_by_window(model, features: np.ndarray):
+    """faster-whisper's ``WhisperModel.encode`` for CPU: CTranslate2's encoder run on one 30 s window at a time, the
+    outputs stacked into one batch for ``generate``.
+
+    The outputs are bit-identical to a batched ``encode`` (checked on 8 clips), and on CPU this is faster: a batch of
+    16 windows makes the attention over 1500 frames memory-bound (tiny.en, 2 cores: 213 ms per window batched, 184
+    ms one at a time; whole sample evaluation 269 -> 236 ms per clip). On CUDA the batched encoder stays.
+    """
+    import ctranslate2
+
+    features = np.asarray(features, dtype=np.float32)
+    if features.ndim == 2:
+        features = features[None]
+    if features.shape[0] == 1:
+        return model.model.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(features)), to_cpu=False)
+    outputs = [
+        np.asarray(model.model.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(f[None])), to_cpu=True))
+        for f in features
+    ]
+    return ctranslate2.StorageView.from_array(np.concatenate(outputs))
 
 
 _CLASSES = {cls.name: cls for cls in (TransformersBackend, OpenAIWhisperBackend, CTranslate2Backend)}
