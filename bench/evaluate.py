@@ -1,7 +1,9 @@
 """Decoding speed (RTFx = audio seconds / decoding seconds) on the sample test clips, all in one run.
 
 Baselines measured in the same run: openai-whisper ``transcribe`` one clip at a time (seed 000's way) and
-faster-whisper one clip at a time. Candidates: our evaluation path with each backend. Rounds interleave all
+faster-whisper one clip at a time. Candidates: our evaluation path with each backend. The "floor" rows time only the
+log-mel features and the fp32 encoder (no decoding): an fp32 path that feeds Whisper 30 s windows cannot beat them,
+so their ratio to the seed bounds what such a path can reach on this machine. Rounds interleave all
 configurations so machine load hits them alike; the table gives medians and the per-round ratio to the seed's way,
 plus each configuration's WER so that backend agreement is visible.
 
@@ -24,11 +26,13 @@ import torch
 
 from fedwhisper.audio import load_16k_mono
 from fedwhisper.decode.backends import DecodeOptions, open_backend
+from fedwhisper.decode.features import log_mel_batch
 from fedwhisper.decode.metrics import score_corpus
 from fedwhisper.decode.transcribe import transcribe_audios
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = "seed: openai transcribe, 1 clip at a time"
+FLOOR = "floor: features + fp32 encoder only"
 
 
 def sample_clips(n: int) -> tuple[list[np.ndarray], list[str]]:
@@ -80,6 +84,24 @@ def faster_whisper_one_at_a_time(model_dir: Path, tmp: Path) -> Callable[[list[n
     return run
 
 
+def encoder_floor(model_dir: Path, batch_size: int) -> Callable[[list[np.ndarray]], list[str]]:
+    """Log-mel features and CTranslate2's fp32 encoder only, with no decoding at all: what an fp32 evaluation that
+    feeds Whisper its 30 s windows spends before the first token. (CTranslate2's encoder was the fastest we measured
+    on CPU: 184-213 ms per window at batch 1-16, torch SDPA 207-256 ms.) Its RTFx over the seed's bounds the ratio
+    such a path can reach on this machine. Returns empty texts, so it has no WER."""
+    b = open_backend("ctranslate2", model_dir, DecodeOptions(compute_type="float32"))
+
+    def run(audios: list[np.ndarray]) -> list[str]:
+        import ctranslate2
+
+        for i in range(0, len(audios), batch_size):
+            features = log_mel_batch(audios[i:i + batch_size], b.n_mels, "cpu").numpy()
+            b.model.model.encode(ctranslate2.StorageView.from_array(features), to_cpu=True)
+        return [""] * len(audios)
+
+    return run
+
+
 def ours(model_dir: Path, backend: str, batch_size: int, **options) -> Callable[[list[np.ndarray]], list[str]]:
     b = open_backend(backend, model_dir, DecodeOptions(**options))
     return lambda audios: transcribe_audios(b, audios, batch_size, progress=False).texts
@@ -112,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         f"ours openai-whisper b{bs}": lambda: ours(model_dir, "openai-whisper", bs),
         f"ours ctranslate2 fp32 b{bs}": lambda: ours(model_dir, "ctranslate2", bs, compute_type="float32"),
         f"ours ctranslate2 int8 b{bs}": lambda: ours(model_dir, "ctranslate2", bs, compute_type="int8"),
+        FLOOR + " b1": lambda: encoder_floor(model_dir, 1),
+        FLOOR + f" b{bs}": lambda: encoder_floor(model_dir, bs),
     }
     if args.only:
         factories = {k: v for k, v in factories.items() if k == SEED or any(o in k for o in args.only)}
@@ -135,13 +159,15 @@ def main(argv: list[str] | None = None) -> int:
         ratios = [a / b for a, b in zip(rtfx[label], rtfx[SEED])]
         results.append({
             "config": label, "rtfx_median": statistics.median(rtfx[label]), "rtfx_runs": rtfx[label],
-            "ratio_vs_seed_median": statistics.median(ratios), "wer": score_corpus(refs, texts[label])["wer"],
+            "ratio_vs_seed_median": statistics.median(ratios),
+            "wer": None if label.startswith(FLOOR) else score_corpus(refs, texts[label])["wer"],
         })
     print(f"\n{len(audios)} sample test clips, {audio_s:.0f} s audio, {args.rounds} interleaved rounds, "
           f"{torch.get_num_threads()} threads")
     print(f"{'configuration':45s} {'RTFx':>6s} {'x seed':>7s} {'WER %':>6s}")
     for res in results:
-        print(f"{res['config']:45s} {res['rtfx_median']:6.1f} {res['ratio_vs_seed_median']:7.2f} {res['wer']:6.2f}")
+        wer = "-" if res["wer"] is None else f"{res['wer']:.2f}"
+        print(f"{res['config']:45s} {res['rtfx_median']:6.1f} {res['ratio_vs_seed_median']:7.2f} {wer:>6s}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0
