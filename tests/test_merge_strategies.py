@@ -162,9 +162,65 @@ def test_screening_statistics_by_hand():
     assert stats.l2_to_base == pytest.approx([1.0, 1.0, math.sqrt(8)])
     c = -1 / 3 / (math.sqrt(2) / 3)
     assert stats.cosine_to_mean == pytest.approx([c, c, 1.0])
+    r = 1 / math.sqrt(2)
+    # norms 1, 1, 2.83 (median 1): clipped, the third counts 1/2.83 of itself, and the clipped mean is
+    # ((1, 0) + (0, 1) + (-1, -1)/sqrt(2)) / 3, along (1, 1): the large client is the one that points away
+    assert stats.cosine_to_clipped_mean == pytest.approx([r, r, -1.0])
     assert stats.dist2[0, 1] == pytest.approx(2.0) and stats.dist2[0, 2] == pytest.approx(13.0)
     flags = flag_clients(stats, max_cosine_distance=1.0, max_norm_ratio=5.0)
-    assert flags[0] and "cosine" in flags[0] and flags[2] is None
+    assert flags == [None, None, "cosine to the norm-clipped mean delta -1.000 < 0.000"]
+
+    xs = [T(1, 0), T(1, 1), T(0, 1), T(-2, -2)]  # median norm (1 + 1.414) / 2: the clipped mean is along (1, 1)
+    stats = ScreeningStats(4, with_base=True)
+    stats.update("t", xs, base)
+    assert stats.cosine_to_clipped_mean == pytest.approx([r, 1.0, r, -1.0])
+    assert flag_clients(stats, max_cosine_distance=1.0, max_norm_ratio=5.0)[:3] == [None, None, None]
+    assert flag_clients(stats, max_cosine_distance=0.25, max_norm_ratio=5.0)[:3] == [
+        "cosine to the norm-clipped mean delta 0.707 < 0.750", None, "cosine to the norm-clipped mean delta 0.707 < 0.750"]
+
+
+def test_screening_is_not_steered_by_a_scaled_sign_flip():
+    """Four honest, correlated updates and a fifth client sending base - 4.5 x their mean update. Against the mean
+    delta the attacker looked perfect (cosine 1.0) and every honest client pointed away (this happened on the
+    default clients: exclusion by the mean dropped all four and kept the attacker, whose norm was only 3.3x the
+    median). Against the norm-clipped mean only the attacker is flagged."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(4000, generator=g)
+    shared = torch.randn(4000, generator=g)
+    honest = [base + shared + 0.8 * torch.randn(4000, generator=g) for _ in range(4)]
+    attacker = base - 4.5 * torch.stack([h - base for h in honest]).mean(0)
+    stats = ScreeningStats(5, with_base=True)
+    stats.update("t", [x.clone() for x in [*honest, attacker]], base)
+    assert stats.cosine_to_mean[4] > 0.99 and max(stats.cosine_to_mean[:4]) < -0.5  # the mean is captured
+    assert stats.l2_to_base[4] < 5 * sorted(stats.l2_to_base)[2]  # and the norm check does not catch it
+    assert min(stats.cosine_to_clipped_mean[:4]) > 0.5 and stats.cosine_to_clipped_mean[4] < -0.9
+    flags = flag_clients(stats, max_cosine_distance=1.0, max_norm_ratio=5.0)
+    assert flags[:4] == [None] * 4 and flags[4].startswith("cosine to the norm-clipped mean delta -")
+
+
+def test_screening_keeps_honest_clients_with_orthogonal_deltas():
+    """Independent (nearly orthogonal) honest deltas, as task vectors of different tasks often are, all agree with
+    the clipped mean they are part of (here 0.18-0.53: the smallest delta counts least); none is flagged."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.zeros(20000)
+    xs = [torch.randn(20000, generator=g) * (1 + i) for i in range(5)]
+    stats = ScreeningStats(5, with_base=True)
+    stats.update("t", xs, base)
+    assert min(stats.cosine_to_clipped_mean) > 0.1
+    assert flag_clients(stats, max_cosine_distance=1.0, max_norm_ratio=5.0) == [None] * 5
+
+
+@pytest.mark.parametrize("n", range(1, 21))
+def test_sort_coordinates_equals_msort(n):
+    """The sorting network (up to 16 inputs) and the msort fallback give exactly msort's values, ties included."""
+    from fedwhisper.merge.strategies import sort_coordinates
+
+    g = torch.Generator().manual_seed(n)
+    xs = [torch.randint(-3, 4, (3, 500), generator=g).float() if n % 2 else torch.randn(3, 500, generator=g)
+          for _ in range(n)]
+    got = sort_coordinates(xs)
+    assert len(got) == n
+    assert torch.equal(torch.stack(got), torch.msort(torch.stack(xs)))
 
 
 def test_screening_counts_nonfinite_and_flags_norm_outlier():

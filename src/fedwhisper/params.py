@@ -135,7 +135,7 @@ class FinetuneParams:
 class ScreeningParams:
     exclude: bool = p(False, "Drop clients flagged by screening before merging.")
     max_cosine_distance: float = p(
-        1.0, "Flag a client whose delta has cosine similarity to the mean delta below 1 - this.", min=0.0, max=2.0
+        1.0, "Flag a client whose delta has cosine similarity to the norm-clipped mean delta below 1 - this.", min=0.0, max=2.0
     )
     max_norm_ratio: float = p(5.0, "Flag a client whose delta norm exceeds this times the median norm.", gt=0.0)
 

@@ -230,6 +230,8 @@ def metrics_from_report(report: MergeReport, all_names: Sequence[str], raw_weigh
             m[f"l2_to_base/{name}"] = round(report.l2_to_base[i], 6)
         if report.cosine_to_mean[i] is not None:
             m[f"cosine_to_mean/{name}"] = round(report.cosine_to_mean[i], 6)
+        if report.cosine_to_clipped_mean[i] is not None:
+            m[f"cosine_to_clipped_mean/{name}"] = round(report.cosine_to_clipped_mean[i], 6)
         m[f"nonfinite/{name}"] = report.nonfinite[i]
         if report.selected is not None:
             m[f"selected/{name}"] = i in report.selected

@@ -163,6 +163,7 @@ class MergeReport:
     flags: list[str | None]
     l2_to_base: list[float | None]
     cosine_to_mean: list[float | None]
+    cosine_to_clipped_mean: list[float | None]
     nonfinite: list[int]
     selected: list[int] | None
     sha256: dict[str, str]
@@ -399,7 +400,8 @@ def _merge_checkpoints(client_names, readers, base, plan: MergePlan, out_file: P
     flags = flag_clients(stats, plan.max_cosine_distance, plan.max_norm_ratio)
     report = MergeReport(
         client_names=list(client_names), weights_used=weights, excluded=excluded, flags=flags,
-        l2_to_base=stats.l2_to_base, cosine_to_mean=stats.cosine_to_mean, nonfinite=stats.nonfinite,
+        l2_to_base=stats.l2_to_base, cosine_to_mean=stats.cosine_to_mean,
+        cosine_to_clipped_mean=stats.cosine_to_clipped_mean, nonfinite=stats.nonfinite,
         selected=selected, sha256=sha, n_tensors=len(entries), n_params=n_params,
         passes=2 if two_pass else 1, seconds=time.perf_counter() - t0,
     )

@@ -10,6 +10,7 @@ A new strategy is one new class registered in ``STRATEGIES``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -35,6 +36,48 @@ class TensorContext:
         tensors come in."""
         digest = hashlib.sha256(f"{self.seed}\0{self.name}\0{self.offset}\0{client}".encode()).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+SORTING_NETWORK_MAX = 16  # clients; above this, sort_coordinates falls back to torch.msort
+
+
+@functools.lru_cache(maxsize=None)
+def sorting_network(n: int) -> tuple[tuple[int, int], ...]:
+    """Comparators (i, j), i < j, of Batcher's odd-even merge sort for ``n`` inputs: applying
+    ``x_i, x_j = min(x_i, x_j), max(x_i, x_j)`` in order sorts any input. Built for the next power of two; the
+    comparators that touch the padding (which would hold +inf and never move) are dropped."""
+    size = 1 << max(0, n - 1).bit_length()
+    pairs = []
+    p = 1
+    while p < size:
+        k = p
+        while k >= 1:
+            for j in range(k % p, size - k, 2 * k):
+                for i in range(min(k, size - j - k)):
+                    if (i + j) // (2 * p) == (i + j + k) // (2 * p) and i + j + k < n:
+                        pairs.append((i + j, i + j + k))
+            k //= 2
+        p *= 2
+    return tuple(pairs)
+
+
+def sort_coordinates(xs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The N same-shape tensors sorted coordinate by coordinate: ``out[r][k]`` is the r-th smallest of
+    ``xs[0][k], ..., xs[N-1][k]``. Equal to ``torch.msort(torch.stack(xs))`` for finite inputs (the engine rejects
+    non-finite ones before merging). Up to ``SORTING_NETWORK_MAX`` tensors this runs a sorting network of
+    elementwise min/max, which on CPU is 5-20x faster than ``msort`` along a short leading dimension."""
+    n = len(xs)
+    if n > SORTING_NETWORK_MAX:
+        return list(torch.msort(torch.stack(list(xs))))
+    v = [x.clone() for x in xs]  # the inputs stay untouched; n + 1 buffers in all
+    if n < 2:
+        return v
+    spare = torch.empty_like(v[0])
+    for i, j in sorting_network(n):
+        torch.minimum(v[i], v[j], out=spare)
+        torch.maximum(v[i], v[j], out=v[j])
+        v[i], spare = spare, v[i]
+    return v
 
 
 def normalise_weights(weights: Sequence[float], n: int, key: str = "aggregation.weights") -> list[float]:
@@ -218,10 +261,8 @@ class Median(Strategy):
     uses_weights: ClassVar[bool] = False
 
     def merge(self, xs, w, base, ctx):
-        stacked = torch.stack([x.to(ctx.dtype) for x in xs])
-        n = stacked.shape[0]
-        s = torch.msort(stacked)
-        del stacked
+        s = sort_coordinates([x.to(ctx.dtype) for x in xs])
+        n = len(s)
         if n % 2:
             return s[n // 2].clone()
         return (s[n // 2 - 1] + s[n // 2]) / 2
@@ -244,12 +285,10 @@ class TrimmedMean(Strategy):
         return k
 
     def merge(self, xs, w, base, ctx):
-        stacked = torch.stack([x.to(ctx.dtype) for x in xs])
-        n = stacked.shape[0]
+        n = len(xs)
         k = self.trim_count(n)
-        s = torch.msort(stacked)
-        del stacked
-        return s[k:n - k].mean(dim=0)
+        s = sort_coordinates([x.to(ctx.dtype) for x in xs])
+        return torch.stack(s[k:n - k]).mean(dim=0)
 
 
 @dataclass(frozen=True)
