@@ -17,7 +17,7 @@ read from the page cache (the files were just written).
 Peak RSS is each process's VmHWM. Prints medians over --repeats and the ratios; targets: our peak RSS <= 1.3 x one
 checkpoint and our wall time <= 2 x the read time.
 
-    python bench/aggregate.py --scale 0.25 --repeats 1      # quick (~70 MB per checkpoint)
+    python bench/aggregate.py --scale 0.25 --repeats 1      # quick (64M params, ~130 MB per checkpoint)
     python bench/aggregate.py                               # full size: needs ~10 GB disk, ~10 GB RAM for naive
 """
 
@@ -157,7 +157,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", type=Path, help="where the synthetic checkpoints go (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
-    ap.add_argument("--no-naive", action="store_true", help="skip the naive baseline (it needs ~6x RAM)")
+    ap.add_argument("--no-naive", action="store_true", help="skip the naive baseline (it needs ~7x a checkpoint of free RAM)")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time ours without the base (no screening) and the sha256 of the inputs alone")
     ap.add_argument("--cold", action="store_true",

@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=10, help="steps excluded from the timing")
     parser.add_argument("--clip-seconds", type=float, default=8.0)
     parser.add_argument("--workers", type=int, default=8, help="data loader workers for our trainer")
-    parser.add_argument("--freeze-encoder", action="store_true", help="ours trains the decoder only (our default)")
+    parser.add_argument("--freeze-encoder", action="store_true", help="ours trains the decoder only (default: encoder and decoder, as in params.yaml)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()

@@ -9,7 +9,7 @@ fifth) is then replaced by a poisoned model, in two variants:
 
 With ``--iid N``, the clients are instead N clients fine-tuned here (default params) on an IID partition of the
 default data (``prepare.partition.mode: iid``: every client gets every accent), the setting Krum was designed for;
-the last one is the victim. Training takes about 100 s per client on 2 CPU cores; the clients are kept in
+the last one is the victim. Training takes one to two minutes per client on 2 CPU cores; the clients are kept in
 ``--work`` and reused by a later run.
 
 Each client set is merged with mean, median, trimmed_mean and krum through the library's aggregate call, and each
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-STRATEGIES = ("mean", "median", "trimmed_mean", "krum")
+STRATEGIES = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
 VARIANTS = ("clean", "random", "signflip")
 
 
@@ -214,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     params = load_params(args.params)
     if args.iid:
-        if args.iid < 4:
-            raise SystemExit("--iid: krum with f=1 needs n > 2f + 2, so at least 4 clients")
+        if args.iid < 5:
+            raise SystemExit("--iid: krum with f=1 needs n > 2f + 2, so at least 5 clients")
         args.iid_names, args.prepared = train_iid_clients(args, work)
     names, sets = build_clients(args, work)
     prepared = subset_prepared(args.prepared, args.per_client, work / "prepared") if args.per_client else args.prepared

@@ -107,7 +107,7 @@ def wait_for_queue(names: list[str], poll_s: float = 5.0, stall_polls: int = 12,
         if stalled >= stall_polls:
             raise SystemExit(
                 f"sweep: {counts['Queued']} experiment(s) still queued but no queue worker is running; "
-                "start one with `dvc queue start`, then `python scripts/sweep.py --wait` (or see `dvc queue logs`)"
+                "start one with `dvc queue start`, then `python scripts/sweep.py --collect --wait` (or see `dvc queue logs`)"
             )
         time.sleep(poll_s)
 

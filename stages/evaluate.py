@@ -6,6 +6,7 @@ Seed 000: python stages/evaluate.py --model_dir DIR --dataset_name i4ds/spc_r --
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -14,10 +15,23 @@ from fedwhisper.decode.settings import evaluate_params_with_overrides
 from fedwhisper.errors import FedWhisperError
 
 
+def default_name(model: str, spec: StreamSpec | None) -> str:
+    """The model folder's name; for a streamed dataset also the dataset and split (``aggregated_i4ds-spc_r_test``),
+    so that evaluating ``models/aggregated`` on a hub dataset does not overwrite the pipeline's
+    ``metrics/eval/aggregated.json``."""
+    name = Path(model).resolve().name
+    if spec is None:
+        return name
+    dataset = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(spec.dataset).name if Path(spec.dataset).exists()
+                     else spec.dataset).strip("-.")
+    return f"{name}_{dataset}_{spec.split}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", "--model_dir", dest="model", required=True, help="canonical HF Whisper directory")
-    parser.add_argument("--name", help="output name: metrics/eval/<name>.json (default: the model folder name)")
+    parser.add_argument("--name", help="output name: <out_dir>/<name>.json (default: the model folder name; when "
+                        "streaming, <model folder>_<dataset>_<split>, so that the pipeline's own metrics stay)")
     parser.add_argument("--params", default="params.yaml", help="params file; its `evaluate:` section is used")
     parser.add_argument("--prepared", default="data/prepared", type=Path)
     parser.add_argument("--out_dir", default="metrics/eval", type=Path)
@@ -42,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                           args.id_column, args.group_column, args.max_samples)
     try:
         params = evaluate_params_with_overrides(args.params, vars(args))
-        evaluate_model(args.model, args.name or Path(args.model).resolve().name, params, args.out_dir,
+        evaluate_model(args.model, args.name or default_name(args.model, spec), params, args.out_dir,
                        args.prepared, spec)
     except FedWhisperError as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)

@@ -144,3 +144,18 @@ def test_streaming_evaluation_names_a_missing_split(tiny_random_dir, sample_item
                    "--out_dir", str(tmp_path / "eval"), "--params", str(tmp_path / "params.yaml")])
     assert rc == 1
     assert "no split 'validation'" in capsys.readouterr().err
+
+
+def test_streaming_output_name_keeps_the_pipeline_metrics(tmp_path):
+    """Without --name, a streamed evaluation of models/aggregated must not overwrite metrics/eval/aggregated.json."""
+    from fedwhisper.decode.evaluate import StreamSpec
+
+    spec = importlib.util.spec_from_file_location("evaluate_stage_names", ROOT / "stages" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = tmp_path / "models" / "aggregated"
+    assert module.default_name(str(model), None) == "aggregated"
+    assert module.default_name(str(model), StreamSpec("i4ds/spc_r", "test")) == "aggregated_i4ds-spc_r_test"
+    local = tmp_path / "my data"
+    local.mkdir()
+    assert module.default_name(str(model), StreamSpec(str(local), "validation")) == "aggregated_my-data_validation"
