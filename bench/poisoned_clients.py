@@ -5,14 +5,17 @@ them (``--fifth``, default en-us + en-029: a plausible, honest partner). One cli
 fifth) is then replaced by a poisoned model, in two variants:
 
 - ``random``: base + a large random delta, N(0, (s * rms(base tensor))^2) per entry (``--random-scale`` s = 1.0);
-- ``signflip``: base - k * (victim - base), the victim's own update reversed (``--flip-scale`` k = 1.0).
+- ``signflip``: base - k * (victim - base), the victim's own update reversed (``--flip-scale`` k = 1.0);
+- ``scaledflip``: the same with k = ``--scaled-flip-scale`` (4.5): large enough to outweigh the other clients in a
+  plain mean, small enough to stay under screening's norm check (``max_norm_ratio`` 5).
 
 With ``--iid N``, the clients are instead N clients fine-tuned here (default params) on an IID partition of the
 default data (``prepare.partition.mode: iid``: every client gets every accent), the setting Krum was designed for;
 the last one is the victim. Training takes one to two minutes per client on 2 CPU cores; the clients are kept in
 ``--work`` and reused by a later run.
 
-Each client set is merged with mean, median, trimmed_mean and krum through the library's aggregate call, and each
+Each client set is merged with mean, median, trimmed_mean, krum, multi_krum and ``mean+screen`` (the mean with
+``aggregation.screening.exclude: true``) through the library's aggregate call, and each
 merged model is evaluated on the pooled prepared test split with ``fedwhisper.decode.evaluate.evaluate_model``
 (identical merged weights are decoded once). Prints a markdown table of pooled WER, with the clean uniform mean as
 the baseline measured in the same run.
@@ -33,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-STRATEGIES = ("mean", "median", "trimmed_mean", "krum", "multi_krum")
-VARIANTS = ("clean", "random", "signflip")
+STRATEGIES = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "mean+screen")
+VARIANTS = ("clean", "random", "signflip", "scaledflip")
 
 
 def poison_random(base: dict[str, torch.Tensor], scale: float, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -79,12 +82,16 @@ def _write_like(template_dir: Path, state: dict[str, torch.Tensor], out_dir: Pat
 
 
 def merge(params, inputs: list[Path], names: list[str], base: Path, out: Path, strategy: str) -> Path:
+    """Merge with ``strategy``; ``<strategy>+screen`` also sets ``aggregation.screening.exclude: true``."""
     import dataclasses
 
     from fedwhisper.merge import aggregate
 
+    strategy, _, screen = strategy.partition("+")
+    if screen not in ("", "screen"):
+        raise SystemExit(f"--strategies: unknown suffix '+{screen}'; only '+screen' (screening.exclude) exists")
     agg = dataclasses.replace(params.aggregation, strategy=strategy, weights=None, preset=None, checkpoints=None,
-                              screening=dataclasses.replace(params.aggregation.screening, exclude=False))
+                              screening=dataclasses.replace(params.aggregation.screening, exclude=bool(screen)))
     aggregate(dataclasses.replace(params, aggregation=agg), checkpoints=[str(p) for p in inputs], names=names,
               base_dir=base, out_dir=out, metrics_path=out.parent / f"{out.name}.json", manifest=None)
     return out
@@ -157,6 +164,7 @@ def build_clients(args, work: Path) -> tuple[list[str], dict[str, list[Path]]]:
     poisoned = {
         "random": poison_random(base_state, args.random_scale, seed=args.seed),
         "signflip": poison_sign_flip(base_state, victim_state, args.flip_scale),
+        "scaledflip": poison_sign_flip(base_state, victim_state, args.scaled_flip_scale),
     }
     sets = {"clean": clean}
     for variant, state in poisoned.items():
@@ -194,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--victim", help="client replaced by the poisoned model (default: the fifth)")
     ap.add_argument("--random-scale", type=float, default=1.0)
     ap.add_argument("--flip-scale", type=float, default=1.0)
+    ap.add_argument("--scaled-flip-scale", type=float, default=4.5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
@@ -224,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                            "batch_size": args.batch_size, "device": args.device})
     wer: dict[tuple[str, str], float] = {}
     by_hash: dict[str, float] = {}
+    screened: dict[str, list[str]] = {}
     for variant in args.variants:
         for strategy in args.strategies:
             out = merge(params, sets[variant], names, args.base, work / "merged" / f"{variant}-{strategy}", strategy)
@@ -233,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
                                    prepared_root=prepared)
                 by_hash[digest] = float(m["wer"])
             wer[(variant, strategy)] = by_hash[digest]
+            if strategy.endswith("+screen"):
+                metrics = json.loads((out.parent / f"{out.name}.json").read_text(encoding="utf-8"))
+                screened[variant] = [n for n in names if metrics.get(f"excluded/{n}")]
             print(f"{variant:9s} {strategy:13s} WER {wer[(variant, strategy)]:.2f}", file=sys.stderr, flush=True)
     ref = wer.get(("clean", "mean"))
     head = "| strategy | " + " | ".join(f"{v} WER" for v in args.variants) + " | worst Δ vs clean mean |"
@@ -243,8 +256,11 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {strategy} | " + " | ".join(cells) + f" | {delta} |")
     table = "\n".join(lines)
     print(table)
+    for variant, excluded in screened.items():
+        print(f"screening excluded ({variant}): {', '.join(excluded) or 'none'}")
     print(f"\nclients: {', '.join(names)}; pooled test split of {prepared}; "
-          f"random scale {args.random_scale}, flip scale {args.flip_scale}; "
+          f"random scale {args.random_scale}, flip scale {args.flip_scale}, "
+          f"scaled flip scale {args.scaled_flip_scale}; "
           f"{len(by_hash)} distinct models decoded in {time.perf_counter() - t0:.0f} s")
     if args.json:
         args.json.write_text(json.dumps({f"{v}/{s}": w for (v, s), w in wer.items()}, indent=2) + "\n")
