@@ -315,10 +315,12 @@ def _synthetic(path: Path, seed: int, pt: bool):
     return path.stat().st_size
 
 
-# Limits in checkpoints (32 MiB each; 4 inputs + base = 5 checkpoints on disk). Median sorts N values per entry
-# (float32 stack + sort buffers per tensor, and freed heap is kept for reuse), so it gets more room; both stay far
-# from the N models a naive merge holds.
-@pytest.mark.parametrize("pt, strategy, limit", [(False, "mean", 0.5), (True, "mean", 0.5),
+# Limits in checkpoints (32 MiB each; 4 inputs + base = 5 checkpoints on disk). The mean measured 6.7-14 MiB
+# (0.2-0.45x): how much of the heap the merge and the sha256 thread (3 x 1 MiB read-ahead buffers) have touched when
+# the peak is taken depends on their timing, so the limit is one checkpoint; holding one input whole (32 MiB
+# as stored, 64 MiB in float32) on top of the working set fails it, and the naive merge takes ~7x. Median sorts N values per entry (float32 copies per
+# tensor, and freed heap is kept for reuse), so it gets more room; both stay far from the N models a naive merge holds.
+@pytest.mark.parametrize("pt, strategy, limit", [(False, "mean", 1.0), (True, "mean", 1.0),
                                                  (False, "median", 1.5)], ids=["safetensors", "pt", "median"])
 def test_peak_memory_is_a_few_tensors_not_n_models(tmp_path, pt, strategy, limit):
     ext = ".pt" if pt else ".safetensors"
