@@ -91,10 +91,9 @@ class ScreeningStats:
             taus = [x.sub_(b) for x in xs]  # in place: the caller is done with x
             for i in range(len(taus)):
                 for j in range(i, len(taus)):
-                    v = _dot(taus[i], taus[j])
-                    self.gram[i, j] += v
-                    if j != i:
-                        self.gram[j, i] += v
+                    # a client with non-finite values has no meaningful inner products: NaN marks its row
+                    v = float("nan") if counts[i] or counts[j] else _dot(taus[i], taus[j])
+                    self.gram[i, j] = self.gram[j, i] = self.gram[i, j] + v
         return counts
 
     @property
