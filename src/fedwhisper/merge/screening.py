@@ -53,7 +53,7 @@ class ScreeningStats:
     with_base: bool
     pairwise: bool = False
     dtype: torch.dtype = torch.float32
-    gram: np.ndarray | None = None
+    gram: np.ndarray = field(init=False)
     nonfinite: list[int] = field(default_factory=list)
     first_nonfinite: list[str | None] = field(default_factory=list)
     dist2: np.ndarray | None = None
@@ -86,7 +86,7 @@ class ScreeningStats:
                     v = _dot(d, d)
                     self.dist2[i, j] += v
                     self.dist2[j, i] += v
-        if self.with_base and base is not None and self.gram is not None:
+        if self.with_base and base is not None:
             b = base if base.dtype == self.dtype else base.to(self.dtype)
             taus = [x.sub_(b) for x in xs]  # in place: the caller is done with x
             for i in range(len(taus)):
@@ -98,7 +98,7 @@ class ScreeningStats:
 
     @property
     def norm2(self) -> list[float]:
-        return [float(v) for v in np.diag(self.gram)] if self.gram is not None else [0.0] * self.n
+        return [float(v) for v in np.diag(self.gram)]
 
     @property
     def l2_to_base(self) -> list[float | None]:
@@ -107,7 +107,7 @@ class ScreeningStats:
     def _cosines_to(self, a: list[float]) -> list[float | None]:
         """cos(tau_i, sum_k a_k tau_k) for every client i, from the Gram matrix alone."""
         g = self.gram
-        if g is None or not self.with_base:
+        if not self.with_base:
             return [None] * self.n
         idx = [k for k in range(self.n) if a[k]]
         ref_norm2 = float(sum(a[j] * a[k] * g[j, k] for j in idx for k in idx))
