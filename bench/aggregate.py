@@ -157,7 +157,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", type=Path, help="where the synthetic checkpoints go (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints")
-    ap.add_argument("--no-naive", action="store_true", help="skip the naive baseline (it needs ~7x a checkpoint of free RAM)")
+    ap.add_argument("--no-naive", action="store_true",
+                    help="skip the naive baseline (it needs ~7x a checkpoint of free RAM)")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time ours without the base (no screening) and the sha256 of the inputs alone")
     ap.add_argument("--cold", action="store_true",

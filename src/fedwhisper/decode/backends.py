@@ -261,8 +261,6 @@ def _encode_window_by_window(model, features: np.ndarray):
     features = np.asarray(features, dtype=np.float32)
     if features.ndim == 2:
         features = features[None]
-    if features.shape[0] == 1:
-        return model.model.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(features)), to_cpu=False)
     outputs = [
         np.asarray(model.model.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(f[None])), to_cpu=True))
         for f in features

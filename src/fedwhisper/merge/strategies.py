@@ -261,10 +261,10 @@ class Median(Strategy):
     uses_weights: ClassVar[bool] = False
 
     def merge(self, xs, w, base, ctx):
-        s = sort_coordinates([x.to(ctx.dtype) for x in xs])
+        s = sort_coordinates([x.to(ctx.dtype) for x in xs])  # fresh tensors: no copy needed to return one
         n = len(s)
         if n % 2:
-            return s[n // 2].clone()
+            return s[n // 2]
         return (s[n // 2 - 1] + s[n // 2]) / 2
 
 
