@@ -78,13 +78,24 @@ def bad_corpus(root: Path) -> dict[str, str]:
     (train / "nan.txt").write_text("not a number")
     rows.append(("train/nan.wav", "a"))
     rows.append((write_clip(train, "long", "far too long", seconds=2.5, rate=8000), "b"))
+    rows.append(("train/ghost.wav", "a"))  # listed, never written
+    rows += [(write_clip(train, "twice", "listed twice"), "a"), ("train/twice.wav", "b")]
+    rows.append((write_clip(train, "numeric", None), "a"))
+    (train / "numeric.json").write_text('{"text": 42}')
+    rows.append((write_clip(train, "cut", "cut short", seconds=1.0), "b"))
+    full = (train / "cut.wav").read_bytes()
+    (train / "cut.wav").write_bytes(full[: len(full) // 2])
     write_metadata(root, rows)
     return {
         "duplicate_id": "train/dup", "missing_transcript": "train/notext", "invalid_utf8": "train/latin1",
         "empty_transcript": "train/blank", "too_many_tokens": "train/wordy", "missing_client": "train/noclient",
         "undecodable": "train/garbage", "empty_audio": "train/silent", "non_finite": "train/nan",
-        "too_long": "train/long",
+        "too_long": "train/long", "missing_audio": "train/ghost", "duplicate_metadata": "train/twice",
+        "non_string_transcript": "train/numeric", "truncated_audio": "train/cut",
     }
+
+
+HF_ONLY_REASONS = {"audio_outside_root"}  # tested with an HF dataset in test_hf_audio_path_outside_root_is_dropped
 
 
 def make_params(corpus: Path, clients=("a", "b"), **prepare):
@@ -101,12 +112,12 @@ def test_every_drop_reason_is_counted_and_listed(tmp_path):
     expected = bad_corpus(tmp_path / "corpus")
     out, metrics = tmp_path / "prepared", tmp_path / "metrics"
     summary = run_prepare(make_params(tmp_path / "corpus", max_drop_fraction=0.5), count_words, out, metrics)
-    assert set(expected) == set(DROP_REASONS)
+    assert set(expected) == set(DROP_REASONS) - HF_ONLY_REASONS
     m = json.loads((metrics / "prepare.json").read_text())
     for reason in DROP_REASONS:
-        assert m[f"drops/{reason}"] == 1, reason
-    assert m["drops/total"] == 10 and m["items/seen"] == 35
-    assert m["drop_fraction"] == pytest.approx(10 / 35, abs=1e-6)
+        assert m[f"drops/{reason}"] == (reason not in HF_ONLY_REASONS), reason
+    assert m["drops/total"] == 14 and m["items/seen"] == 39
+    assert m["drop_fraction"] == pytest.approx(14 / 39, abs=1e-6)
     assert summary.kept == 25
     drops = read_drops(metrics / "prepare_drops.csv")
     assert {d["reason"]: d["id"] for d in drops} == expected
@@ -116,6 +127,11 @@ def test_every_drop_reason_is_counted_and_listed(tmp_path):
     assert "cannot decode audio" in by_reason["undecodable"]["detail"]
     assert "2.50 s > prepare.max_duration_s" in by_reason["too_long"]["detail"]
     assert "43 label tokens" in by_reason["too_many_tokens"]["detail"]
+    assert "file train/ghost.wav does not exist" in by_reason["missing_audio"]["detail"]
+    assert by_reason["missing_audio"]["origin"].endswith("metadata.csv line 37")
+    assert "listed 2 times in metadata" in by_reason["duplicate_metadata"]["detail"]
+    assert "numeric.json: transcript 'text' is a int (42), not a string" in by_reason["non_string_transcript"]["detail"]
+    assert "truncated audio (8000 of the 16000 frames" in by_reason["truncated_audio"]["detail"]
     # 6 test items per client from the dataset's own test split; validation carved from train (0.1 of 7 -> 1).
     assert m["items/a/test"] == 6 and m["items/a/validation"] == 1 and m["items/a/train"] == 6
     assert m["items/total"] == 25

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import time
+import unicodedata
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from fedwhisper.atomic import remove_stale_siblings, write_text_atomic
-from fedwhisper.audio import SAMPLING_RATE, load_16k_mono, to_16k_mono
+from fedwhisper.audio import SAMPLING_RATE, AudioTooLongError, TruncatedAudioError, load_16k_mono, to_16k_mono
 from fedwhisper.data.partition import SPLITS, assign_clients, assign_splits, client_names, resolve_split_map, subsample
 from fedwhisper.data.prepared import split_path, write_manifest, write_split
 from fedwhisper.data.sources import RawItem, Source, lookup, open_source
@@ -39,6 +40,11 @@ DROP_REASONS = (
     "empty_audio",
     "non_finite",
     "too_long",
+    "missing_audio",
+    "duplicate_metadata",
+    "non_string_transcript",
+    "audio_outside_root",
+    "truncated_audio",
 )
 DROPS_CSV = "prepare_drops.csv"
 METRICS_JSON = "prepare.json"
@@ -201,6 +207,8 @@ def _check(
     def drop(reason: str, detail: str) -> Drop:
         return Drop(item.id, item.origin, reason, detail)
 
+    if item.drop_reason:
+        return drop(item.drop_reason, item.problem)
     if item.id in seen_ids:
         return drop("duplicate_id", "id already used by an earlier item")
     seen_ids.add(item.id)
@@ -220,8 +228,8 @@ def _check(
     except UnicodeEncodeError as exc:
         return drop("invalid_utf8", f"transcript is not valid UTF-8 ({exc.reason} at char {exc.start})")
     text = text.strip()
-    if not text:
-        return drop("empty_transcript", "transcript is empty or whitespace")
+    if all(c.isspace() or unicodedata.category(c) == "Cf" for c in text):
+        return drop("empty_transcript", "transcript is empty, whitespace or invisible (zero-width) characters")
     n_tokens = count_tokens(text)
     if n_tokens > prep.max_label_tokens:
         return drop("too_many_tokens", f"{n_tokens} label tokens > prepare.max_label_tokens {prep.max_label_tokens}")
@@ -229,9 +237,16 @@ def _check(
         if item.audio is None:
             raise DataError(item.problem or f"no audio (column {params.data.columns.audio!r})")
         if isinstance(item.audio, tuple):
-            audio = to_16k_mono(*item.audio)
+            array, rate = item.audio
+            if rate > 0 and len(array) / rate > prep.max_duration_s:
+                raise AudioTooLongError(item.origin, len(array) / rate)
+            audio = to_16k_mono(array, rate)
         else:
-            audio = load_16k_mono(item.audio, name=item.origin)
+            audio = load_16k_mono(item.audio, name=item.origin, max_seconds=prep.max_duration_s)
+    except AudioTooLongError as exc:
+        return drop("too_long", f"{exc.seconds:.2f} s > prepare.max_duration_s {prep.max_duration_s}")
+    except TruncatedAudioError as exc:
+        return drop("truncated_audio", str(exc))
     except DataError as exc:
         return drop("undecodable", str(exc))
     if audio.size == 0:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
+import itertools
 import json
+import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +37,7 @@ class RawItem:
     split: str | None = None
     origin: str = ""
     problem: str = ""  # why the source could not supply audio or transcript, for the drop report
+    drop_reason: str = ""  # set when the source already knows the item is unusable (prepare's DROP_REASONS)
 
 
 class Source(Protocol):
@@ -82,10 +86,18 @@ def _limited(items: Iterator[RawItem], limit: int | None) -> Iterator[RawItem]:
         yield item
 
 
+def _utf8_text(raw: bytes) -> str | bytes:
+    """UTF-8 text without a leading BOM; the bytes unchanged when they are not UTF-8 (prepare reports that)."""
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return raw
+
+
 def _json_text(raw: bytes, origin: str) -> Any:
     """Parse JSON bytes; return the bytes unchanged when they are not UTF-8 (prepare reports that)."""
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         return raw
     try:
@@ -99,42 +111,102 @@ class _BadJson:
     message: str
 
 
-def _text_from(parsed: Any, column: str) -> str | bytes | None:
+def _text_from(parsed: Any, column: str) -> Any:
     if isinstance(parsed, (bytes, _BadJson)):
         return parsed if isinstance(parsed, bytes) else None
-    value = lookup({"json": parsed, **parsed} if isinstance(parsed, dict) else {}, column, None)
+    return lookup({"json": parsed, **parsed} if isinstance(parsed, dict) else {}, column, None)
+
+
+def _checked_text(value: Any, column: str) -> tuple[str | bytes | None, str]:
+    """(transcript, problem): a number, dict, list, NaN or boolean is no transcript, never its Python repr."""
     if value is None or isinstance(value, (str, bytes)):
-        return value
-    return str(value)
+        return value, ""
+    shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+    return None, f"transcript {column!r} is a {type(value).__name__} ({shown}), not a string"
+
+
+def _within(root: Path, path: Path) -> bool:
+    """Whether ``path`` (symlinks resolved) lies inside ``root``."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(root))
 
 
 # --------------------------------------------------------------------------- local folder
 
 
+@dataclass
+class _MetadataRow:
+    values: dict[str, str]
+    where: list[str]  # "<csv> line <n>" of every row naming the file (more than one: listed twice)
+
+
 class LocalFolderSource:
-    """``root/[split/]<id>.<audio>`` with sidecar ``<id>.txt`` or ``<id>.json``; optional ``metadata.csv``."""
+    """``root/[split/]<id>.<audio>`` with sidecar ``<id>.txt`` or ``<id>.json``; optional ``metadata.csv``.
+
+    ``file_name`` in a metadata file is relative to that file's folder and must stay inside the data root. Rows
+    naming no audio file found in the folder, and files listed more than once, become items with a drop reason
+    (``missing_audio``, ``duplicate_metadata``): rows outside every split folder are reported with the first split.
+    """
 
     def __init__(self, root: Path, data: DataParams, limit: int | None = None):
         if not root.is_dir():
             raise DataError(f"data.path: {root} is not a directory; point it at a folder of audio files")
         self.root, self.data, self.limit = root, data, limit
+        self._splits: list[str] | None = None
         self.metadata = self._read_metadata(root / data.metadata) if data.metadata else {}
 
     def split_names(self) -> list[str]:
-        subdirs = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        with_audio = [d for d in subdirs if any(self._audio_files(self.root / d))]
-        return with_audio if with_audio else [""]
+        if self._splits is None:
+            subdirs = sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+            with_audio = [d for d in subdirs if any(self._audio_files(self.root / d))]
+            self._splits = with_audio if with_audio else [""]
+        return self._splits
 
     def iter_split(self, split: str) -> Iterator[RawItem]:
-        folder = self.root / split if split else self.root
-        metadata = dict(self.metadata)
-        if split and self.data.metadata and (folder / self.data.metadata).is_file():
-            for name, row in self._read_metadata(folder / self.data.metadata).items():
-                metadata[f"{split}/{name}"] = row
-        return _limited((self._item(p, split, metadata) for p in self._audio_files(folder)), self.limit)
+        metadata = self._split_metadata(split)
+        files = list(self._audio_files(self.root / split if split else self.root))
+        items = (self._item(p, split, metadata) for p in files)
+        missing = (self._missing_item(key, metadata[key], split) for key in self._missing_keys(split, metadata, files))
+        return _limited(itertools.chain(items, missing), self.limit)
 
     def count(self, split: str) -> int | None:
-        return _capped(sum(1 for _ in self._audio_files(self.root / split if split else self.root)), self.limit)
+        files = list(self._audio_files(self.root / split if split else self.root))
+        return _capped(len(files) + len(self._missing_keys(split, self._split_metadata(split), files)), self.limit)
+
+    def _split_metadata(self, split: str) -> dict[str, _MetadataRow]:
+        """The root metadata plus the split folder's own metadata file, if any."""
+        metadata = {k: _MetadataRow(v.values, list(v.where)) for k, v in self.metadata.items()}
+        own = self.root / split / self.data.metadata if split and self.data.metadata else None
+        if own is not None and own.is_file():
+            for key, row in self._read_metadata(own).items():
+                if key in metadata:
+                    metadata[key].where += row.where
+                else:
+                    metadata[key] = row
+        return metadata
+
+    def _missing_keys(self, split: str, metadata: dict[str, _MetadataRow], files: list[Path]) -> list[str]:
+        """Metadata keys of this split naming no audio file that was found."""
+        found = {p.relative_to(self.root).as_posix() for p in files}
+        splits = self.split_names() if split else [""]
+
+        def in_split(key: str) -> bool:
+            top = key.split("/")[0] if "/" in key else ""
+            return not split or top == split or (top not in splits and split == splits[0])
+
+        return sorted(k for k in metadata if k not in found and in_split(k))
+
+    def _missing_item(self, key: str, row: _MetadataRow, split: str) -> RawItem:
+        path = self.root / key
+        if not path.is_file():
+            why = f"file {key} does not exist under {self.root}"
+        elif path.suffix.lower() not in AUDIO_EXTENSIONS:
+            why = f"{key} is not a supported audio file ({', '.join(AUDIO_EXTENSIONS)})"
+        else:
+            why = f"{key} is outside every split folder ({', '.join(self.split_names())})"
+        item_id = lookup(row.values, self.data.columns.id, None) if self.data.columns.id else None
+        item_id = str(item_id) if item_id is not None else Path(key).with_suffix("").as_posix()
+        return RawItem(item_id, None, None, dict(row.values), split or None, "; ".join(row.where),
+                       f"metadata names {why}", "missing_audio")
 
     @staticmethod
     def _audio_files(folder: Path) -> Iterator[Path]:
@@ -142,42 +214,67 @@ class LocalFolderSource:
             if path.suffix.lower() in AUDIO_EXTENSIONS and path.is_file():
                 yield path
 
-    def _item(self, path: Path, split: str, metadata: dict[str, dict]) -> RawItem:
+    def _item(self, path: Path, split: str, metadata: dict[str, _MetadataRow]) -> RawItem:
         rel = path.relative_to(self.root).as_posix()
-        row = metadata.get(rel, {})
+        meta = metadata.get(rel)
+        row = meta.values if meta is not None else {}
         stem = path.with_suffix("")
         text: Any = None
-        problem = ""
+        problem = reason = ""
         if stem.with_suffix(".txt").is_file():
-            raw = stem.with_suffix(".txt").read_bytes()
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                text = raw
+            text = _utf8_text(stem.with_suffix(".txt").read_bytes())
         elif stem.with_suffix(".json").is_file():
             parsed = _json_text(stem.with_suffix(".json").read_bytes(), str(stem) + ".json")
-            text = _text_from(parsed, self.data.columns.text)
-            problem = parsed.message if isinstance(parsed, _BadJson) else ""
+            text, text_problem = _checked_text(_text_from(parsed, self.data.columns.text), self.data.columns.text)
+            if text_problem:
+                problem, reason = f"{stem}.json: {text_problem}", "non_string_transcript"
+            elif isinstance(parsed, _BadJson):
+                problem = parsed.message
         else:
             text = lookup(row, self.data.columns.text, None)
         item_id = lookup(row, self.data.columns.id, None) if self.data.columns.id else None
         if item_id is None:
             item_id = Path(rel).with_suffix("").as_posix()
-        return RawItem(str(item_id), path, text, dict(row), split or None, str(path), problem)
+        if meta is not None and len(meta.where) > 1:
+            problem = f"listed {len(meta.where)} times in metadata ({'; '.join(meta.where)}); keep one row"
+            reason = "duplicate_metadata"
+        return RawItem(str(item_id), path, text, dict(row), split or None, str(path), problem, reason)
 
-    def _read_metadata(self, path: Path) -> dict[str, dict]:
+    def _read_metadata(self, path: Path) -> dict[str, _MetadataRow]:
+        """Rows keyed by the audio path relative to the data root (file_name is relative to the CSV's folder)."""
         if not path.is_file():
             return {}
-        with path.open(newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or "file_name" not in reader.fieldnames:
-                raise DataError(f"{path}: needs a 'file_name' column (audio path relative to {path.parent})")
-            prefix = path.parent.relative_to(self.root).as_posix() if path.parent != self.root else ""
-            rows = {}
-            for row in reader:
-                name = row["file_name"].strip().lstrip("./")
-                rows[f"{prefix}/{name}" if prefix else name] = {k: v for k, v in row.items() if k != "file_name"}
-            return rows
+        try:
+            content = path.read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            line = path.read_bytes()[: exc.start].count(b"\n") + 1
+            raise DataError(
+                f"{path}: not UTF-8 (byte 0x{exc.object[exc.start]:02x} on line {line}); re-save it as UTF-8, "
+                f"e.g. `iconv -f latin1 -t utf-8`"
+            ) from None
+        reader = csv.DictReader(io.StringIO(content, newline=""))
+        if not reader.fieldnames or "file_name" not in reader.fieldnames:
+            raise DataError(f"{path}: needs a 'file_name' column (audio path relative to {path.parent})")
+        root = os.path.abspath(self.root)
+        rows: dict[str, _MetadataRow] = {}
+        for row in reader:
+            where = f"{path} line {reader.line_num}"
+            name = (row["file_name"] or "").strip()
+            if not name:
+                raise DataError(f"{where}: empty file_name; name the audio file or delete the row")
+            rel = os.path.relpath(os.path.abspath(path.parent / name), root)
+            if rel == ".." or rel.startswith("../") or os.path.isabs(rel) or rel == ".":
+                raise DataError(
+                    f"{where}: file_name {name!r} points outside the data root {self.root}; "
+                    "give a path inside it, relative to the metadata file's folder"
+                )
+            key = Path(rel).as_posix()
+            values = {k: v for k, v in row.items() if k != "file_name"}
+            if key in rows:
+                rows[key].where.append(where)
+            else:
+                rows[key] = _MetadataRow(values, [where])
+        return rows
 
 
 # --------------------------------------------------------------------------- Hugging Face
@@ -197,24 +294,29 @@ def _undecoded(ds: Any) -> Any:
     return ds
 
 
-def _hf_audio(value: Any) -> tuple[AudioRef | None, str]:
-    """(audio, problem) from an undecoded Audio value, raw bytes, a path, or an {array, sampling_rate} dict."""
+def _hf_audio(value: Any, root: Path | None) -> tuple[AudioRef | None, str, str]:
+    """(audio, problem, drop reason) from an undecoded Audio value, raw bytes, a path, or an {array, sampling_rate} dict.
+
+    A path is read only inside ``root`` (the dataset's local folder; relative paths are taken from there)."""
     if isinstance(value, (bytes, bytearray)):
-        return bytes(value), ""
-    if isinstance(value, str):
-        return Path(value), ""
+        return bytes(value), "", ""
     if isinstance(value, dict):
         if value.get("bytes"):
-            return bytes(value["bytes"]), ""
+            return bytes(value["bytes"]), "", ""
         if value.get("array") is not None:
-            return (np.asarray(value["array"], dtype=np.float32), int(value.get("sampling_rate") or 16000)), ""
-        if value.get("path"):
-            return Path(value["path"]), ""
-        return None, "audio value has neither bytes, array nor path"
-    return None, f"audio value is {type(value).__name__}, not bytes, a path or an audio dict"
+            return (np.asarray(value["array"], dtype=np.float32), int(value.get("sampling_rate") or 16000)), "", ""
+        if not value.get("path"):
+            return None, "audio value has neither bytes, array nor path", ""
+        value = value["path"]
+    if isinstance(value, str):
+        if root is None or not _within(root, root / value):
+            where = f"the dataset folder {root}" if root is not None else "a local dataset folder (a hub dataset)"
+            return None, f"audio path {value!r} has no bytes and is outside {where}; refused", "audio_outside_root"
+        return root / value, "", ""
+    return None, f"audio value is {type(value).__name__}, not bytes, a path or an audio dict", ""
 
 
-def _hf_items(rows: Iterator[dict], split: str, data: DataParams, where: str) -> Iterator[RawItem]:
+def _hf_items(rows: Iterator[dict], split: str, data: DataParams, where: str, root: Path | None) -> Iterator[RawItem]:
     cols = data.columns
     for i, row in enumerate(rows):
         origin = f"{where}[{split}] row {i}"
@@ -223,14 +325,14 @@ def _hf_items(rows: Iterator[dict], split: str, data: DataParams, where: str) ->
             raise DataError(
                 f"{where}: no audio column {cols.audio!r} (columns: {', '.join(row)}); set data.columns.audio"
             )
-        text = lookup(row, cols.text, None)
-        if text is not None and not isinstance(text, (str, bytes)):
-            text = str(text)
+        text, text_problem = _checked_text(lookup(row, cols.text, None), cols.text)
         item_id = lookup(row, cols.id, None) if cols.id else None
         extra = {k: v for k, v in row.items() if k != cols.audio.split(".")[0]}
-        audio, problem = _hf_audio(None if audio_value is MISSING else audio_value)
+        audio, problem, reason = _hf_audio(None if audio_value is MISSING else audio_value, root)
         item_id = str(item_id) if item_id is not None else f"{split}/{i:07d}"
-        yield RawItem(item_id, audio, text, extra, split or None, origin, problem)
+        if text_problem:
+            problem, reason = text_problem, "non_string_transcript"
+        yield RawItem(item_id, audio, text, extra, split or None, origin, problem, reason)
 
 
 class HFHubSource:
@@ -240,6 +342,7 @@ class HFHubSource:
         import datasets
 
         self.path, self.data, self.limit = path, data, limit
+        self.root = Path(path) if Path(path).is_dir() else None
         try:
             self.ds = datasets.load_dataset(path, data.hf_config, streaming=True)
         except Exception as exc:  # network, auth and format errors come as many types
@@ -253,7 +356,7 @@ class HFHubSource:
 
     def iter_split(self, split: str) -> Iterator[RawItem]:
         ds = _undecoded(self.ds[split])
-        return _limited(_hf_items(iter(ds), split, self.data, self.path), self.limit)
+        return _limited(_hf_items(iter(ds), split, self.data, self.path, self.root), self.limit)
 
     def count(self, split: str) -> int | None:
         info = getattr(self.ds[split], "info", None)
@@ -280,7 +383,7 @@ class HFDiskSource:
     def iter_split(self, split: str) -> Iterator[RawItem]:
         ds = _undecoded(self.ds[split])
         rows = (ds[i] for i in range(len(ds)))
-        return _limited(_hf_items(rows, split, self.data, str(self.path)), self.limit)
+        return _limited(_hf_items(rows, split, self.data, str(self.path), self.path), self.limit)
 
     def count(self, split: str) -> int | None:
         return _capped(len(self.ds[split]), self.limit)
@@ -329,10 +432,8 @@ class WebDatasetSource:
             if ext == "json":
                 record["json"] = _json_text(raw, f"{origin}.json")
             elif ext in ("txt", "text", "cls", "id"):
-                try:
-                    record[ext] = raw.decode("utf-8").strip("\n") if ext != "txt" else raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    record[ext] = raw
+                text = _utf8_text(raw)
+                record[ext] = text.strip("\n") if ext != "txt" and isinstance(text, str) else text
             else:
                 record[ext] = raw
         parsed = record.get("json")
@@ -344,8 +445,7 @@ class WebDatasetSource:
         text = lookup(flat, cols.text, None)
         if text is None and isinstance(parsed, (bytes, _BadJson)):
             text = parsed if isinstance(parsed, bytes) else None
-        if text is not None and not isinstance(text, (str, bytes)):
-            text = str(text)
+        text, text_problem = _checked_text(text, cols.text)
         item_id = lookup(flat, cols.id, None) if cols.id else None
         extra = {k: v for k, v in flat.items() if not isinstance(v, (bytes, _BadJson))}
         item_id = str(item_id) if item_id is not None else (f"{split}/{key}" if split else key)
@@ -353,6 +453,8 @@ class WebDatasetSource:
         if not isinstance(audio, bytes):
             audio = None
             problems.append(f"no audio member {cols.audio!r} (members: {', '.join(sorted(members))})")
+        if text_problem:
+            return RawItem(item_id, audio, None, extra, split or None, origin, text_problem, "non_string_transcript")
         return RawItem(item_id, audio, text, extra, split or None, origin, "; ".join(problems))
 
 
