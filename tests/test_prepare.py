@@ -131,7 +131,7 @@ def test_every_drop_reason_is_counted_and_listed(tmp_path):
     assert by_reason["missing_audio"]["origin"].endswith("metadata.csv line 37")
     assert "listed 2 times in metadata" in by_reason["duplicate_metadata"]["detail"]
     assert "numeric.json: transcript 'text' is a int (42), not a string" in by_reason["non_string_transcript"]["detail"]
-    assert "truncated audio (8000 of the 16000 frames" in by_reason["truncated_audio"]["detail"]
+    assert "truncated audio (7989 of the 16000 frames" in by_reason["truncated_audio"]["detail"]
     # 6 test items per client from the dataset's own test split; validation carved from train (0.1 of 7 -> 1).
     assert m["items/a/test"] == 6 and m["items/a/validation"] == 1 and m["items/a/train"] == 6
     assert m["items/total"] == 25
@@ -174,9 +174,9 @@ def test_prepared_format_and_readers(tmp_path):
 def test_drop_fraction_failure_writes_csv_and_no_output(tmp_path):
     bad_corpus(tmp_path / "corpus")
     out, metrics = tmp_path / "prepared", tmp_path / "metrics"
-    with pytest.raises(DataError, match=r"dropped 10 of 35 items \(28.6%\) > prepare.max_drop_fraction 20.0%"):
+    with pytest.raises(DataError, match=r"dropped 14 of 39 items \(35.9%\) > prepare.max_drop_fraction 20.0%"):
         run_prepare(make_params(tmp_path / "corpus", max_drop_fraction=0.2), count_words, out, metrics)
-    assert len(read_drops(metrics / "prepare_drops.csv")) == 10
+    assert len(read_drops(metrics / "prepare_drops.csv")) == 14
     assert not out.exists() and not list(tmp_path.glob("prepared.tmp-*"))
 
 
