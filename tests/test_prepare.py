@@ -254,6 +254,11 @@ def test_stage_on_sample_corpus(tmp_path, tiny_en_dir):
             assert m[f"items/{client}/{split}"] > 0, (client, split)
     assert m["items/total"] + m["drops/total"] == m["items/seen"]
     assert set(list_clients(work / "data" / "prepared")) == set(params["clients"])
+    # The committed metrics came from the same corpus and params: same items and hours, nothing dropped (drop
+    # reasons added since then count 0).
+    committed = json.loads((ROOT / "metrics" / "prepare.json").read_text())
+    assert {k: v for k, v in m.items() if k in committed} == committed
+    assert m["drops/total"] == 0 and set(m) - set(committed) <= {f"drops/{r}" for r in DROP_REASONS}
     assert "prepare:" in proc.stderr and "items" in proc.stderr
 
 
