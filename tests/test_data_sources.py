@@ -272,3 +272,99 @@ def test_hub_id_unreachable_is_a_clear_error(monkeypatch):
     monkeypatch.setattr("datasets.config.HF_HUB_OFFLINE", True)
     with pytest.raises(DataError, match=r"data.path: cannot stream dataset 'i4ds/spc_r' \(config None\)"):
         open_source(data_params(source="hf", path="i4ds/spc_r"))
+
+
+def test_metadata_file_names_are_resolved_not_stripped(tmp_path):
+    """`.x.wav` is its own file (not `x.wav`), `./x.wav` is `x.wav`, and a split's metadata names its own files."""
+    for stem in ("x", ".x"):
+        (tmp_path / f"{stem}.flac").write_bytes(flac_bytes())
+        (tmp_path / f"{stem}.txt").write_text(f"text of {stem}")
+    (tmp_path / "metadata.csv").write_text("file_name,accent\n./x.flac,plain\n.x.flac,hidden\n")
+    items = {i.id: i for i in open_source(data_params(source="local", path=str(tmp_path))).iter_split("")}
+    assert (items["x"].extra["accent"], items[".x"].extra["accent"]) == ("plain", "hidden")
+    assert not any(i.drop_reason for i in items.values())
+
+
+@pytest.mark.parametrize("name", ["../outside.flac", "/etc/passwd", "sub/../../outside.flac"])
+def test_metadata_path_escaping_the_data_root_is_refused(tmp_path, name):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "a.flac").write_bytes(flac_bytes())
+    (tmp_path / "outside.flac").write_bytes(flac_bytes())
+    (root / "metadata.csv").write_text(f"file_name,accent\na.flac,x\n{name},y\n")
+    with pytest.raises(DataError, match=rf"metadata.csv line 3: file_name '{name}' points outside {root}"):
+        open_source(data_params(source="local", path=str(root)))
+
+
+def test_split_metadata_cannot_move_a_file_to_another_split(tmp_path):
+    for split in ("train", "test"):
+        (tmp_path / split).mkdir()
+        (tmp_path / split / "a.flac").write_bytes(flac_bytes())
+    (tmp_path / "train" / "metadata.csv").write_text("file_name,accent\n../test/a.flac,x\n")
+    source = open_source(data_params(source="local", path=str(tmp_path)))
+    with pytest.raises(DataError, match=r"train/metadata.csv line 2: file_name '../test/a.flac' points outside .*/train"):
+        list(source.iter_split("train"))
+
+
+def test_metadata_rows_for_missing_files_and_duplicates_become_drop_items(tmp_path):
+    for split, stem in (("train", "a"), ("train", "b"), ("test", "c")):
+        (tmp_path / split).mkdir(exist_ok=True)
+        (tmp_path / split / f"{stem}.flac").write_bytes(flac_bytes())
+    (tmp_path / "train" / "notes.m4a").write_bytes(b"x")
+    (tmp_path / "metadata.csv").write_text(
+        "file_name,accent\ntrain/a.flac,x\ntrain/ghost.flac,x\ntrain/b.flac,x\ntrain/b.flac,y\n"
+        "train/notes.m4a,x\nelsewhere/lost.flac,z\ntest/c.flac,x\n"
+    )
+    (tmp_path / "test" / "metadata.csv").write_text("file_name,accent\nc.flac,y\n")  # c listed twice, across files
+    source = open_source(data_params(source="local", path=str(tmp_path)))
+    items = read_all(source)
+    by_id = {i.id: i for split in items.values() for i in split}
+    assert {k: v.drop_reason for k, v in by_id.items()} == {
+        "train/a": "", "train/b": "duplicate_metadata", "train/ghost": "missing_audio",
+        "train/notes": "missing_audio", "test/c": "duplicate_metadata", "elsewhere/lost": "missing_audio",
+    }
+    assert "does not exist" in by_id["train/ghost"].problem and by_id["train/ghost"].audio is None
+    assert by_id["train/ghost"].origin == f"{tmp_path / 'metadata.csv'} line 3"
+    assert "not a supported audio file" in by_id["train/notes"].problem
+    assert by_id["train/b"].problem.startswith("listed 2 times in metadata") and "line 4; " in by_id["train/b"].problem
+    assert "test/metadata.csv line 2" in by_id["test/c"].problem
+    # Rows outside every split folder are reported with the first split (test); counts include the drop items.
+    assert [i.id for i in items["test"]] == ["test/c", "elsewhere/lost"]
+    assert (source.count("train"), source.count("test")) == (4, 2)
+
+
+def test_metadata_encoding_bom_and_latin1(tmp_path):
+    (tmp_path / "a.flac").write_bytes(flac_bytes())
+    (tmp_path / "metadata.csv").write_bytes("file_name,accent\na.flac,x\n".encode("utf-8-sig"))  # Excel "CSV UTF-8"
+    (item,) = open_source(data_params(source="local", path=str(tmp_path))).iter_split("")
+    assert item.extra == {"accent": "x"}
+    (tmp_path / "metadata.csv").write_bytes("file_name,accent\na.flac,x\na.flac,Zürich\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"metadata.csv: not UTF-8 \(byte 0xfc on line 3\); re-save it as UTF-8"):
+        open_source(data_params(source="local", path=str(tmp_path)))
+
+
+def test_sidecar_bom_is_stripped(tmp_path):
+    (tmp_path / "a.flac").write_bytes(flac_bytes())
+    (tmp_path / "a.txt").write_bytes("\ufeffhello".encode("utf-8"))
+    (tmp_path / "b.flac").write_bytes(flac_bytes())
+    (tmp_path / "b.json").write_bytes(json.dumps({"text": "from json"}).encode("utf-8-sig"))
+    a, b = open_source(data_params(source="local", path=str(tmp_path))).iter_split("")
+    assert (a.text, b.text) == ("hello", "from json")
+    write_shard(tmp_path / "s.tar", [("k", {"flac": flac_bytes(), "txt": "\ufeffbonjour".encode()})])
+    (item,) = open_source(data_params(source="webdataset", path=str(tmp_path / "s.tar"), columns={"text": "txt"})
+                          ).iter_split("")
+    assert item.text == "bonjour"
+
+
+@pytest.mark.parametrize("raw,shown", [('{"a": 1}', "dict"), ("42", "int (42)"), ("NaN", "float (nan)"),
+                                       ("true", "bool (True)"), ('["x"]', "list")])
+def test_non_string_transcript_is_a_drop_not_its_repr(tmp_path, raw, shown):
+    (tmp_path / "a.flac").write_bytes(flac_bytes())
+    (tmp_path / "a.json").write_text('{"text": %s}' % raw)
+    (item,) = open_source(data_params(source="local", path=str(tmp_path))).iter_split("")
+    assert (item.text, item.drop_reason) == (None, "non_string_transcript")
+    assert f"a.json: transcript 'text' is a {shown}" in item.problem
+    write_shard(tmp_path / "s.tar", [("k", {"flac": flac_bytes(), "json": ('{"text": %s}' % raw).encode()})])
+    (item,) = open_source(data_params(source="webdataset", path=str(tmp_path / "s.tar"), columns={"audio": "flac",
+                                      "text": "json.text"})).iter_split("")
+    assert (item.text, item.drop_reason) == (None, "non_string_transcript")

@@ -294,3 +294,70 @@ def test_token_counter_needs_the_base_tokenizer(tmp_path):
 
     with pytest.raises(CheckpointError, match=rf"{tmp_path}: no tokenizer files; run the base stage first"):
         load_token_counter(tmp_path)
+
+
+def test_hostile_sample_rate_is_dropped_as_too_long_before_resampling(tmp_path, monkeypatch):
+    """A 200 kB WAV declaring 1 Hz is 100000 s long by its header: dropped, never resampled to 1.6e9 samples."""
+    import fedwhisper.audio
+
+    resample = fedwhisper.audio.to_16k_mono
+
+    def refuse_hostile(data, rate):
+        assert rate > 1, "the 1 Hz file reached the resampler"
+        return resample(data, rate)
+
+    monkeypatch.setattr(fedwhisper.audio, "to_16k_mono", refuse_hostile)
+    corpus = tmp_path / "corpus"
+    rows = good_corpus(corpus, per_client=2)
+    sf.write(corpus / "train" / "hostile.wav", np.zeros(100_000, np.int16), 1, subtype="PCM_16")
+    (corpus / "train" / "hostile.txt").write_text("one hertz")
+    write_metadata(corpus, rows + [("train/hostile.wav", "a")])
+    run_prepare(make_params(corpus, max_drop_fraction=0.5), count_words, tmp_path / "o", tmp_path / "m")
+    (drop,) = read_drops(tmp_path / "m" / "prepare_drops.csv")
+    assert (drop["id"], drop["reason"]) == ("train/hostile", "too_long")
+    assert drop["origin"].endswith("train/hostile.wav")
+    assert drop["detail"] == "100000.00 s > prepare.max_duration_s 2.0"
+
+
+def test_invisible_transcript_is_empty(tmp_path):
+    corpus = tmp_path / "corpus"
+    rows = good_corpus(corpus, per_client=2)
+    rows.append((write_clip(corpus / "train", "zwsp", "\u200b\u200b \u2060\ufeff\n"), "a"))
+    write_metadata(corpus, rows)
+    run_prepare(make_params(corpus, max_drop_fraction=0.5), count_words, tmp_path / "o", tmp_path / "m")
+    (drop,) = read_drops(tmp_path / "m" / "prepare_drops.csv")
+    assert (drop["id"], drop["reason"]) == ("train/zwsp", "empty_transcript")
+    assert json.loads((tmp_path / "m" / "prepare.json").read_text())["drops/empty_transcript"] == 1
+
+
+def test_hf_audio_path_outside_root_is_dropped(tmp_path):
+    """Path-only audio in an HF dataset is read from inside the dataset folder, and refused (counted) elsewhere."""
+    from datasets import Dataset, DatasetDict, Features, Value
+
+    ds_dir = tmp_path / "ds"
+    sf.write(tmp_path / "secret.wav", np.full(3200, 0.1, np.float32), 16000)
+    features = Features({"audio": {"bytes": Value("binary"), "path": Value("string")}, "text": Value("string"),
+                         "accent": Value("string")})
+
+    def split(n, paths):
+        rows = {"audio": [{"bytes": None, "path": p} for p in paths], "text": [f"utt {i}" for i in range(n)],
+                "accent": ["a"] * n}
+        return Dataset.from_dict(rows, features=features)  # the shape of an undecoded Audio column
+
+    inside = [f"clips/{i}.wav" for i in range(4)]
+    dd = DatasetDict({"train": split(6, inside + ["../secret.wav", str(tmp_path / "secret.wav")]),
+                      "test": split(2, inside[:2])})
+    dd.save_to_disk(str(ds_dir))
+    (ds_dir / "clips").mkdir()
+    for p in inside:
+        sf.write(ds_dir / p, np.full(3200 + int(p[6]) * 160, 0.1, np.float32), 16000)
+    params = params_from_dict({"data": {"source": "hf_disk", "path": str(ds_dir), "columns": {"client": "accent"}},
+                               "prepare": {"max_drop_fraction": 0.5, "split": {"validation": 0.25}},
+                               "clients": ["a"]})
+    run_prepare(params, count_words, tmp_path / "o", tmp_path / "m")
+    drops = read_drops(tmp_path / "m" / "prepare_drops.csv")
+    assert [(d["id"], d["reason"]) for d in drops] == [("train/0000004", "audio_outside_root"),
+                                                     ("train/0000005", "audio_outside_root")]
+    assert "audio path '../secret.wav' has no bytes and is outside the dataset folder" in drops[0]["detail"]
+    m = json.loads((tmp_path / "m" / "prepare.json").read_text())
+    assert (m["drops/audio_outside_root"], m["items/total"]) == (2, 6)

@@ -142,7 +142,8 @@ class _MetadataRow:
 class LocalFolderSource:
     """``root/[split/]<id>.<audio>`` with sidecar ``<id>.txt`` or ``<id>.json``; optional ``metadata.csv``.
 
-    ``file_name`` in a metadata file is relative to that file's folder and must stay inside the data root. Rows
+    ``file_name`` in a metadata file is relative to that file's folder and must stay inside the data root (inside
+    the split folder for a split's own metadata file, so a row cannot move a file to another split). Rows
     naming no audio file found in the folder, and files listed more than once, become items with a drop reason
     (``missing_audio``, ``duplicate_metadata``): rows outside every split folder are reported with the first split.
     """
@@ -177,7 +178,7 @@ class LocalFolderSource:
         metadata = {k: _MetadataRow(v.values, list(v.where)) for k, v in self.metadata.items()}
         own = self.root / split / self.data.metadata if split and self.data.metadata else None
         if own is not None and own.is_file():
-            for key, row in self._read_metadata(own).items():
+            for key, row in self._read_metadata(own, self.root / split).items():
                 if key in metadata:
                     metadata[key].where += row.where
                 else:
@@ -240,8 +241,9 @@ class LocalFolderSource:
             reason = "duplicate_metadata"
         return RawItem(str(item_id), path, text, dict(row), split or None, str(path), problem, reason)
 
-    def _read_metadata(self, path: Path) -> dict[str, _MetadataRow]:
-        """Rows keyed by the audio path relative to the data root (file_name is relative to the CSV's folder)."""
+    def _read_metadata(self, path: Path, within: Path | None = None) -> dict[str, _MetadataRow]:
+        """Rows keyed by the audio path relative to the data root (file_name is relative to the CSV's folder and
+        must name a path inside ``within``, by default the data root)."""
         if not path.is_file():
             return {}
         try:
@@ -255,20 +257,21 @@ class LocalFolderSource:
         reader = csv.DictReader(io.StringIO(content, newline=""))
         if not reader.fieldnames or "file_name" not in reader.fieldnames:
             raise DataError(f"{path}: needs a 'file_name' column (audio path relative to {path.parent})")
-        root = os.path.abspath(self.root)
+        within = within or self.root
         rows: dict[str, _MetadataRow] = {}
         for row in reader:
             where = f"{path} line {reader.line_num}"
             name = (row["file_name"] or "").strip()
             if not name:
                 raise DataError(f"{where}: empty file_name; name the audio file or delete the row")
-            rel = os.path.relpath(os.path.abspath(path.parent / name), root)
-            if rel == ".." or rel.startswith("../") or os.path.isabs(rel) or rel == ".":
+            target = os.path.abspath(path.parent / name)
+            inside = os.path.relpath(target, os.path.abspath(within))
+            if inside == "." or inside == ".." or inside.startswith("../"):
                 raise DataError(
-                    f"{where}: file_name {name!r} points outside the data root {self.root}; "
+                    f"{where}: file_name {name!r} points outside {within}; "
                     "give a path inside it, relative to the metadata file's folder"
                 )
-            key = Path(rel).as_posix()
+            key = Path(os.path.relpath(target, os.path.abspath(self.root))).as_posix()
             values = {k: v for k, v in row.items() if k != "file_name"}
             if key in rows:
                 rows[key].where.append(where)
