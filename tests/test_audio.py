@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from fedwhisper.audio import load_16k_mono, to_16k_mono
+from fedwhisper.audio import AudioTooLongError, TruncatedAudioError, load_16k_mono, to_16k_mono
 from fedwhisper.errors import DataError
 
 
@@ -82,3 +82,31 @@ def test_array_resampling():
     assert len(out) == 8000 and out.dtype == np.float32
     with pytest.raises(DataError, match="shape"):
         to_16k_mono(np.zeros((2, 2, 2)), 16000)
+
+
+@pytest.mark.parametrize("fmt,subtype", [("WAV", "PCM_16"), ("WAV", "FLOAT"), ("MP3", "MPEG_LAYER_III")])
+def test_truncated_file_is_refused_with_frame_counts(fmt, subtype):
+    """A data chunk cut in half decodes to about half the frames the header declares: refused, not kept short."""
+    full = encode(tone(16000, seconds=2.0), 16000, fmt, subtype)
+    assert len(load_16k_mono(full)) == 32000
+    with pytest.raises(TruncatedAudioError, match=r"cut\.bin: truncated audio \(\d+ of the 32000 frames its header"):
+        load_16k_mono(full[: len(full) // 2], name="cut.bin")
+
+
+def test_wav_with_unknown_data_size_is_not_called_truncated():
+    """Streamed WAVs write 0 or 0xFFFFFFFF as the data size: no header count, nothing to compare."""
+    full = bytearray(encode(tone(16000), 16000, "WAV", "PCM_16"))
+    pos = full.index(b"data")
+    full[pos + 4 : pos + 8] = b"\xff\xff\xff\xff"
+    assert len(load_16k_mono(bytes(full))) == 8000
+
+
+def test_duration_and_rate_are_checked_from_the_header_before_decoding():
+    hostile = encode(np.zeros(50_000, np.float32), 1, "WAV", "PCM_16")  # 100 kB declaring 1 Hz: 50000 s
+    with pytest.raises(AudioTooLongError, match=r"h\.wav: 50000\.00 s by its header > 30 s") as info:
+        load_16k_mono(hostile, name="h.wav", max_seconds=30)
+    assert info.value.seconds == 50000
+    with pytest.raises(DataError, match=r"h\.wav: sampling rate 1 Hz is below 1000 Hz"):
+        load_16k_mono(hostile, name="h.wav")
+    with pytest.raises(DataError, match="below 1000 Hz"):
+        to_16k_mono(np.zeros(10, np.float32), 1)

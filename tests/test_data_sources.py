@@ -368,3 +368,24 @@ def test_non_string_transcript_is_a_drop_not_its_repr(tmp_path, raw, shown):
     (item,) = open_source(data_params(source="webdataset", path=str(tmp_path / "s.tar"), columns={"audio": "flac",
                                       "text": "json.text"})).iter_split("")
     assert (item.text, item.drop_reason) == (None, "non_string_transcript")
+
+
+def test_hf_path_outside_the_dataset_folder_is_refused_when_streaming(tmp_path):
+    """Streaming a local data directory: path-only audio outside it is refused (evaluate names the row)."""
+    from fedwhisper.decode.evaluate import StreamSpec, _stream_rows
+
+    (tmp_path / "data").mkdir()
+    sf.write(tmp_path / "data" / "in.wav", np.full(1600, 0.1, np.float32), 16000)
+    sf.write(tmp_path / "out.wav", np.full(1600, 0.1, np.float32), 16000)
+    features = Features({"audio": {"bytes": Value("binary"), "path": Value("string")}, "text": Value("string")})
+    Dataset.from_dict({"audio": [{"bytes": None, "path": "in.wav"}, {"bytes": None, "path": "../out.wav"}],
+                       "text": ["inside", "outside"]}, features=features).to_parquet(
+        str(tmp_path / "data" / "test-00000-of-00001.parquet"))
+    source = open_source(data_params(source="hf", path=str(tmp_path / "data")))
+    inside, outside = source.iter_split("test")
+    assert inside.audio == tmp_path / "data" / "in.wav" and not inside.drop_reason
+    assert (outside.audio, outside.drop_reason) == (None, "audio_outside_root")
+    rows = _stream_rows(StreamSpec(str(tmp_path / "data")))
+    assert next(rows)[2] == "inside"
+    with pytest.raises(DataError, match=r"\[test\] row 1: audio path '../out.wav' has no bytes and is outside"):
+        next(rows)

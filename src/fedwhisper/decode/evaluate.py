@@ -121,6 +121,8 @@ def _stream_rows(spec: StreamSpec) -> Iterator[tuple[str, str, str, np.ndarray]]
             f"--split: dataset {spec.dataset!r} has no split {spec.split!r} (splits: {', '.join(source.split_names())})"
         )
     for item in source.iter_split(spec.split):
+        if item.drop_reason:
+            raise DataError(f"{item.origin}: {item.problem}")
         if item.audio is None:
             raise DataError(f"{item.origin}: no audio in column {spec.audio_column!r}; set --audio_column")
         if isinstance(item.audio, tuple):
