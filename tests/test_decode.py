@@ -131,3 +131,75 @@ def test_transcribe_cli_prints_text_and_json(tiny_en_dir, sample_items, capsys, 
 def test_transcribe_cli_reports_missing_audio(tiny_random_dir, capsys, tmp_path):
     assert cli_main(["transcribe", "--model", str(tiny_random_dir), str(tmp_path / "nope.wav")]) == 1
     assert "nope.wav" in capsys.readouterr().err
+
+
+def test_transformers_backend_refuses_a_model_dir_without_tokenizer(tiny_random_dir, tmp_path):
+    """Without tokenizer files AutoTokenizer builds an empty tokenizer and every transcript is ''; refuse instead."""
+    import shutil
+
+    from fedwhisper.formats.hf import TOKENIZER_FILES
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_random_dir, bare, ignore=shutil.ignore_patterns(*TOKENIZER_FILES))
+    with pytest.raises(CheckpointError, match=rf"{bare}: no tokenizer files \(tokenizer.json, or vocab.json and"):
+        open_backend("transformers", bare, DecodeOptions(device="cpu"))
+
+
+def test_language_on_an_english_only_model_warns_once(tiny_random_dir, tiny_random_multilingual_dir, caplog):
+    with caplog.at_level("WARNING", logger="fedwhisper.decode.backends"):
+        open_backend("transformers", tiny_random_dir, DecodeOptions(language="de", device="cpu")).close()
+    (record,) = caplog.records
+    assert record.getMessage() == (
+        f"{tiny_random_dir} is an English-only model: language 'de' is ignored and it transcribes English; use a "
+        "multilingual model for 'de'"
+    )
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fedwhisper.decode.backends"):
+        open_backend("transformers", tiny_random_dir, DecodeOptions(language="en", device="cpu")).close()
+        open_backend("transformers", tiny_random_multilingual_dir, DecodeOptions(language="de", device="cpu")).close()
+    assert caplog.records == []
+
+
+def write_bad_clips(folder):
+    import soundfile as sf
+
+    nan = np.full(1600, 0.1, np.float32)
+    nan[3] = np.nan
+    sf.write(folder / "nan.wav", nan, 16000, subtype="FLOAT")
+    sf.write(folder / "empty.wav", np.zeros(0, np.float32), 16000)
+    (folder / "garbage.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk" * 8)
+    return folder / "nan.wav", folder / "empty.wav", folder / "garbage.wav"
+
+
+FAST = ["--backend", "transformers", "--device", "cpu", "--max_new_tokens", "3"]
+
+
+def test_transcribe_refuses_nan_and_empty_audio_naming_the_file(tiny_random_dir, tmp_path, capsys):
+    nan, empty, _ = write_bad_clips(tmp_path)
+    assert cli_main(["transcribe", "--model", str(tiny_random_dir), *FAST, str(nan)]) == 1
+    assert capsys.readouterr().err.strip() == f"transcribe: error: {nan}: 1 NaN/Inf samples; re-export or remove the file"
+    assert cli_main(["transcribe", "--model", str(tiny_random_dir), *FAST, str(empty), str(nan)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (f"transcribe: error: {empty}: audio has zero samples; re-export or remove the file; or pass "
+                   "--skip-bad to transcribe the other files")
+
+
+def test_transcribe_skip_bad_transcribes_the_rest_and_reports(tiny_random_dir, sample_items, tmp_path, capsys):
+    nan, empty, garbage = write_bad_clips(tmp_path)
+    good = str(sample_items[0]["path"])
+    files = [str(nan), good, str(tmp_path / "missing.wav"), str(empty), str(garbage)]
+    assert cli_main(["transcribe", "--model", str(tiny_random_dir), *FAST, "--skip-bad", *files]) == 1
+    out = capsys.readouterr()
+    assert [line.split("\t")[0] for line in out.out.splitlines()] == [good]
+    err = [line for line in out.err.splitlines() if "skipped" in line]  # not the progress bars
+    assert len(err) == 5, out.err
+    assert err[:4] == [
+        f"transcribe: skipped {nan}: 1 NaN/Inf samples; re-export or remove the file",
+        f"transcribe: skipped {tmp_path / 'missing.wav'}: audio file not found; check the path",
+        f"transcribe: skipped {empty}: audio has zero samples; re-export or remove the file",
+        f"transcribe: skipped {garbage}: cannot decode audio" + err[3].split("cannot decode audio")[1],
+    ]
+    assert err[4] == "transcribe: 4 of 5 files skipped, 1 transcribed"
+    assert cli_main(["transcribe", "--model", str(tiny_random_dir), *FAST, "--skip-bad", "--json", good]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["file"] == good and result["duration_s"] > 0

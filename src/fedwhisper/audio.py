@@ -44,6 +44,8 @@ def load_16k_mono(source: str | Path | bytes, name: str | None = None, max_secon
         if len(source) == 0:
             raise DataError(f"{label}: audio is 0 bytes; re-export or remove the file")
         source = bytes(source)
+    elif not os.path.isfile(source):
+        raise DataError(f"{label}: audio file not found; check the path")
     try:
         data, rate = _read_soundfile(source, label, max_seconds)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as sf_exc:
@@ -57,9 +59,17 @@ def load_16k_mono(source: str | Path | bytes, name: str | None = None, max_secon
                 f"audioread: {str(ar_exc) or type(ar_exc).__name__}); "
                 "convert it to WAV/FLAC/MP3/OGG or remove it"
             ) from None
-    except FileNotFoundError:
-        raise DataError(f"{label}: audio file not found; check the path") from None
     return to_16k_mono(data, rate)
+
+
+def audio_problem(audio: np.ndarray) -> tuple[str, str] | None:
+    """(reason, detail) when decoded audio is unusable (no samples, NaN/Inf samples), else None."""
+    if audio.size == 0:
+        return "empty_audio", "audio has zero samples"
+    bad = int((~np.isfinite(audio)).sum())
+    if bad:
+        return "non_finite", f"{bad} NaN/Inf samples"
+    return None
 
 
 def to_16k_mono(data: np.ndarray, rate: int) -> np.ndarray:

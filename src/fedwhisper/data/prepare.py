@@ -20,7 +20,14 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from fedwhisper.atomic import remove_stale_siblings, write_text_atomic
-from fedwhisper.audio import SAMPLING_RATE, AudioTooLongError, TruncatedAudioError, load_16k_mono, to_16k_mono
+from fedwhisper.audio import (
+    SAMPLING_RATE,
+    AudioTooLongError,
+    TruncatedAudioError,
+    audio_problem,
+    load_16k_mono,
+    to_16k_mono,
+)
 from fedwhisper.data.partition import SPLITS, assign_clients, assign_splits, client_names, resolve_split_map, subsample
 from fedwhisper.data.prepared import split_path, write_manifest, write_split
 from fedwhisper.data.sources import RawItem, Source, lookup, open_source
@@ -249,10 +256,9 @@ def _check(
         return drop("truncated_audio", str(exc))
     except DataError as exc:
         return drop("undecodable", str(exc))
-    if audio.size == 0:
-        return drop("empty_audio", "audio has zero samples")
-    if not np.isfinite(audio).all():
-        return drop("non_finite", f"{int((~np.isfinite(audio)).sum())} NaN/Inf samples")
+    problem = audio_problem(audio)
+    if problem is not None:
+        return drop(*problem)
     duration = audio.size / SAMPLING_RATE
     if duration > prep.max_duration_s:
         return drop("too_long", f"{duration:.2f} s > prepare.max_duration_s {prep.max_duration_s}")

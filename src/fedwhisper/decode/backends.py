@@ -7,6 +7,7 @@ Every backend offers ``decode_short`` (a batch of clips of at most 30 s, one pad
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import shutil
 import tempfile
@@ -94,6 +95,12 @@ class TransformersBackend(Backend):
             raise DecodeError(
                 f"evaluate.compute_type: {options.compute_type!r} is for the ctranslate2 backend; the transformers "
                 f"backend takes default, {', '.join(_TORCH_DTYPES)}"
+            )
+        has_bpe = (self.model_dir / "vocab.json").is_file() and (self.model_dir / "merges.txt").is_file()
+        if not (self.model_dir / "tokenizer.json").is_file() and not has_bpe:
+            raise CheckpointError(
+                f"{self.model_dir}: no tokenizer files (tokenizer.json, or vocab.json and merges.txt), so every "
+                "transcript would be empty; re-write the model directory with fedwhisper.formats.hf (stages/base.py)"
             )
         try:
             self.model = WhisperForConditionalGeneration.from_pretrained(
@@ -277,4 +284,18 @@ def open_backend(name: str, model_dir: str | Path, options: DecodeOptions = Deco
         raise DecodeError(f"evaluate.backend: unknown backend {name!r}; use one of {', '.join(BACKENDS)}")
     if options.compute_type not in COMPUTE_TYPES:
         raise DecodeError(f"evaluate.compute_type: got {options.compute_type!r}; use one of {', '.join(COMPUTE_TYPES)}")
+    _warn_if_language_ignored(Path(model_dir), options.language)
     return _CLASSES[name](model_dir, options)
+
+
+def _warn_if_language_ignored(model_dir: Path, language: Optional[str]) -> None:
+    """English-only Whisper (vocab under 51865, openai-whisper's rule) has no language tokens: say so, once."""
+    try:
+        vocab_size = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # the backend reports an unreadable config
+    if vocab_size < 51865 and language and language.lower() not in ("en", "english"):
+        log.warning(
+            "%s is an English-only model: language %r is ignored and it transcribes English; use a multilingual "
+            "model for %r", model_dir, language, language,
+        )
