@@ -302,7 +302,7 @@ def test_split_metadata_cannot_move_a_file_to_another_split(tmp_path):
         (tmp_path / split / "a.flac").write_bytes(flac_bytes())
     (tmp_path / "train" / "metadata.csv").write_text("file_name,accent\n../test/a.flac,x\n")
     source = open_source(data_params(source="local", path=str(tmp_path)))
-    with pytest.raises(DataError, match=r"train/metadata.csv line 2: file_name '../test/a.flac' points outside .*/train"):
+    with pytest.raises(DataError, match=r"train/metadata.csv line 2: file_name '../test/a.flac' points outside "):
         list(source.iter_split("train"))
 
 

@@ -177,7 +177,8 @@ FAST = ["--backend", "transformers", "--device", "cpu", "--max_new_tokens", "3"]
 def test_transcribe_refuses_nan_and_empty_audio_naming_the_file(tiny_random_dir, tmp_path, capsys):
     nan, empty, _ = write_bad_clips(tmp_path)
     assert cli_main(["transcribe", "--model", str(tiny_random_dir), *FAST, str(nan)]) == 1
-    assert capsys.readouterr().err.strip() == f"transcribe: error: {nan}: 1 NaN/Inf samples; re-export or remove the file"
+    err = capsys.readouterr().err.strip()
+    assert err == f"transcribe: error: {nan}: 1 NaN/Inf samples; re-export or remove the file"
     assert cli_main(["transcribe", "--model", str(tiny_random_dir), *FAST, str(empty), str(nan)]) == 1
     err = capsys.readouterr().err.strip()
     assert err == (f"transcribe: error: {empty}: audio has zero samples; re-export or remove the file; or pass "

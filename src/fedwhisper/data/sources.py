@@ -298,7 +298,7 @@ def _undecoded(ds: Any) -> Any:
 
 
 def _hf_audio(value: Any, root: Path | None) -> tuple[AudioRef | None, str, str]:
-    """(audio, problem, drop reason) from an undecoded Audio value, raw bytes, a path, or an {array, sampling_rate} dict.
+    """(audio, problem, drop reason) from an undecoded Audio value, raw bytes, a path or an {array, sampling_rate}.
 
     A path is read only inside ``root`` (the dataset's local folder; relative paths are taken from there)."""
     if isinstance(value, (bytes, bytearray)):
