@@ -127,7 +127,7 @@ def test_every_drop_reason_is_counted_and_listed(tmp_path):
     assert "cannot decode audio" in by_reason["undecodable"]["detail"]
     assert "2.50 s > prepare.max_duration_s" in by_reason["too_long"]["detail"]
     assert "43 label tokens" in by_reason["too_many_tokens"]["detail"]
-    assert "file train/ghost.wav does not exist" in by_reason["missing_audio"]["detail"]
+    assert "metadata names train/ghost.wav, which does not exist under" in by_reason["missing_audio"]["detail"]
     assert by_reason["missing_audio"]["origin"].endswith("metadata.csv line 37")
     assert "listed 2 times in metadata" in by_reason["duplicate_metadata"]["detail"]
     assert "numeric.json: transcript 'text' is a int (42), not a string" in by_reason["non_string_transcript"]["detail"]

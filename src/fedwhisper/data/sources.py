@@ -199,11 +199,11 @@ class LocalFolderSource:
     def _missing_item(self, key: str, row: _MetadataRow, split: str) -> RawItem:
         path = self.root / key
         if not path.is_file():
-            why = f"file {key} does not exist under {self.root}"
+            why = f"{key}, which does not exist under {self.root}"
         elif path.suffix.lower() not in AUDIO_EXTENSIONS:
-            why = f"{key} is not a supported audio file ({', '.join(AUDIO_EXTENSIONS)})"
+            why = f"{key}, which is not a supported audio file ({', '.join(AUDIO_EXTENSIONS)})"
         else:
-            why = f"{key} is outside every split folder ({', '.join(self.split_names())})"
+            why = f"{key}, which is outside every split folder ({', '.join(self.split_names())})"
         item_id = lookup(row.values, self.data.columns.id, None) if self.data.columns.id else None
         item_id = str(item_id) if item_id is not None else Path(key).with_suffix("").as_posix()
         return RawItem(item_id, None, None, dict(row.values), split or None, "; ".join(row.where),
