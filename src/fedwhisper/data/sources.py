@@ -252,7 +252,7 @@ class LocalFolderSource:
             line = path.read_bytes()[: exc.start].count(b"\n") + 1
             raise DataError(
                 f"{path}: not UTF-8 (byte 0x{exc.object[exc.start]:02x} on line {line}); re-save it as UTF-8, "
-                f"e.g. `iconv -f latin1 -t utf-8`"
+                "e.g. `iconv -f latin1 -t utf-8`"
             ) from None
         reader = csv.DictReader(io.StringIO(content, newline=""))
         if not reader.fieldnames or "file_name" not in reader.fieldnames:
