@@ -7,7 +7,8 @@ from fedwhisper.decode.evaluate import Predictions, prediction_rows, score_predi
 from fedwhisper.decode.significance import BootstrapSettings
 from fedwhisper.report import build_report
 
-SENTENCES = [f"w{chr(97 + i // 26)}{chr(97 + i % 26)} alpha beta gamma delta epsilon zeta eta theta iota" for i in range(40)]
+SENTENCES = [f"w{chr(97 + i // 26)}{chr(97 + i % 26)} alpha beta gamma delta epsilon zeta eta theta iota"
+             for i in range(40)]
 
 
 def _model(eval_dir, name, hypotheses, with_intervals=True):

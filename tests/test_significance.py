@@ -30,7 +30,8 @@ def counts_of(word_errors, ref_words, groups=None, char_errors=None, ref_chars=N
 def test_interval_matches_the_exact_bootstrap_distribution_by_enumeration():
     """Five utterances: all 5^5 equally likely resamples give the exact bootstrap distribution of corpus WER."""
     errors, words = np.array([0, 1, 3, 0, 6]), np.array([4, 9, 7, 5, 10])
-    exact = np.array([100 * errors[list(i)].sum() / words[list(i)].sum() for i in itertools.product(range(5), repeat=5)])
+    exact = np.array([100 * errors[list(i)].sum() / words[list(i)].sum()
+                      for i in itertools.product(range(5), repeat=5)])
     got = rate_intervals(counts_of(errors, words), BootstrapSettings(resamples=20000, seed=3))["wer"]
     assert got.estimate == pytest.approx(100 * 10 / 35)
     assert np.quantile(exact, 0.015) <= got.low <= np.quantile(exact, 0.035)

@@ -41,7 +41,8 @@ def compare_settings(params_path: str | Path | None, overrides: dict):
 
 
 def _sentence(verdict: str) -> str:
-    return {"better": "B is better than A", "worse": "B is worse than A"}.get(verdict, "A and B are not distinguishable")
+    sentences = {"better": "B is better than A", "worse": "B is worse than A"}
+    return sentences.get(verdict, "A and B are not distinguishable")
 
 
 def run_compare(args) -> str:
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     cmp.add_argument("--seed", type=int)
     cmp.add_argument("--confidence", type=float, help="e.g. 0.95")
     cmp.add_argument("--unit", help="utterance | sentence: what is resampled")
-    cmp.add_argument("--normalizer", help="only for CSVs without normalised text columns (default: evaluate.normalizer)")
+    cmp.add_argument("--normalizer",
+                     help="only for CSVs without normalised text columns (default: evaluate.normalizer)")
     cmp.add_argument("--metric", choices=("wer", "cer", "both"), default="both")
     shown = cmp.add_mutually_exclusive_group()
     shown.add_argument("--md", action="store_true", help="the table in markdown, to paste into a PR")

@@ -173,9 +173,13 @@ class AggregationParams:
 
 @dataclass(frozen=True)
 class BootstrapParams:
-    resamples: int = p(1000, "Bootstrap resamples for every WER/CER confidence interval and paired comparison.", min=1000)
+    resamples: int = p(
+        1000, "Bootstrap resamples for every WER/CER confidence interval and paired comparison.", min=1000
+    )
     seed: int = p(0, "Seed of the resampling (each interval starts a fresh generator from it).", min=0)
-    confidence: float = p(0.95, "Confidence level of the intervals and of the better/worse verdicts.", gt=0.5, max=0.999)
+    confidence: float = p(
+        0.95, "Confidence level of the intervals and of the better/worse verdicts.", gt=0.5, max=0.999
+    )
     unit: Literal["utterance", "sentence"] = p(
         "utterance", "What is resampled: each utterance, or each sentence (utterances sharing a normalised reference, "
         "e.g. the same sentence read in several accents, are drawn together)."

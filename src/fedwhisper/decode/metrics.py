@@ -97,7 +97,9 @@ def utterance_counts(ref_normalized: str, hyp_normalized: str) -> tuple[int, int
     ``sum(word errors) / sum(reference words)`` and resampling these counts redoes the corpus statistic.
     """
     if not ref_normalized:
-        raise DecodeError("utterance_counts: empty reference; only scored utterances (non-empty references) have counts")
+        raise DecodeError(
+            "utterance_counts: empty reference; only scored utterances (non-empty references) have counts"
+        )
     w = jiwer.process_words(ref_normalized, hyp_normalized, reference_transform=_WORDS, hypothesis_transform=_WORDS)
     c = jiwer.process_characters(ref_normalized, hyp_normalized, reference_transform=_CHARS,
                                  hypothesis_transform=_CHARS)

@@ -315,7 +315,8 @@ def check_same_utterances(a: UtteranceCounts, b: UtteranceCounts) -> np.ndarray:
         if a.scored[i] and (a.counts[i, 1], a.counts[i, 3]) != (b.counts[j, 1], b.counts[j, 3]):
             raise DecodeError(
                 f"cannot compare: utterance {a.ids[i]!r} has {a.counts[i, 1]} reference words in A and "
-                f"{b.counts[j, 1]} in B (chars {a.counts[i, 3]} vs {b.counts[j, 3]}); both must count the same reference"
+                f"{b.counts[j, 1]} in B (chars {a.counts[i, 3]} vs {b.counts[j, 3]}); "
+                "both must count the same reference"
             )
     return order
 
