@@ -181,7 +181,7 @@ def add_significance(rows: list[dict], bootstrap: BootstrapSettings) -> dict:
     scored = sorted((r for r in ok if r["predictions"] is not None),
                     key=lambda r: (r["metrics"].get("wer", float("inf")), r["name"]))
     if not scored:
-        return {"best": None, "tied": []}
+        return {"best": None}
     best = scored[0]
     best["vs_best"] = "best"
     for r in scored[1:]:
@@ -189,9 +189,10 @@ def add_significance(rows: list[dict], bootstrap: BootstrapSettings) -> dict:
             r["vs_best"] = paired_bootstrap(best["predictions"], r["predictions"], bootstrap)["wer"]
         except FedWhisperError as exc:
             r["vs_best"] = f"not comparable ({exc})"
-    tied = [r["name"] for r in scored[1:] if not isinstance(r["vs_best"], str)
-            and r["vs_best"].verdict == "not distinguishable"]
-    return {"best": best["name"], "tied": tied}
+    verdicts = {r["name"]: "not comparable" if isinstance(r["vs_best"], str) else r["vs_best"].verdict
+                for r in scored[1:]}
+    return {"best": best["name"], **{key: [n for n, v in verdicts.items() if v == verdict] for key, verdict in (
+        ("tied", "not distinguishable"), ("worse", "worse"), ("better", "better"), ("apart", "not comparable"))}}
 
 
 def _vs_best_cell(r: dict) -> str:
@@ -224,12 +225,15 @@ def write_comparison(rows: list[dict], out_dir: Path, bootstrap: BootstrapSettin
         lines.append("| " + " | ".join(cells) + " |")
     markdown = "# Aggregation sweep (test WER %, aggregated model)\n\n" + "\n".join(lines) + "\n"
     if summary["best"]:
-        tied = ", ".join(f"`{n}`" for n in summary["tied"]) or "none"
+        names = {k: ", ".join(f"`{n}`" for n in summary[k]) or "none" for k in ("tied", "worse", "better", "apart")}
         markdown += (
-            f"\nBest: `{summary['best']}`. Not distinguishable from it at {level}: {tied}; every other strategy "
-            f"with predictions is worse. Paired bootstrap (Bisani & Ney 2004) on the same {PREDICTIONS} utterances, "
-            f"{bootstrap.resamples} resamples of {bootstrap.unit}s, seed {bootstrap.seed}; n.d. = not "
-            f"distinguishable (the interval of the difference holds 0).\n"
+            f"\nBest: `{summary['best']}`. Not distinguishable from it at {level}: {names['tied']}. "
+            f"Worse: {names['worse']}."
+            + (f" Better despite a higher WER (ties in the WER sort): {names['better']}." if summary["better"] else "")
+            + (f" Evaluated on other utterances, not comparable: {names['apart']}." if summary["apart"] else "")
+            + f" Paired bootstrap (Bisani & Ney 2004) on each experiment's {PREDICTIONS}, {bootstrap.resamples} "
+            f"resamples of {bootstrap.unit}s, seed {bootstrap.seed}; n.d. = not distinguishable (the interval of the "
+            "difference holds 0).\n"
         )
     missing = [f"`{r['name']}` ({r['problem']})" for r in ok if r.get("problem")]
     if missing:

@@ -120,7 +120,7 @@ def test_collect_and_comparison(sweep, monkeypatch, tmp_path):
     assert cells[2][5].startswith("worse: +2.00 [") and cells[2][5].endswith("p <0.002")
     assert table[4].startswith("| krum | krum | f=0 | failed | failed | failed |")
     assert table[5].startswith("| multi-krum | multi_krum | f=0, m=2 | failed")
-    assert "Best: `median`. Not distinguishable from it at 95%: `ties`; every other strategy" in markdown
+    assert "Best: `median`. Not distinguishable from it at 95%: `ties`. Worse: `bias_best_light`. Paired" in markdown
     assert "Experiments from 2 baseline commits: 0ldc0mm (1), 3da274a (4)." in markdown
     assert (tmp_path / "sweep.md").read_text().startswith("# Aggregation sweep")
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -255,3 +255,15 @@ def test_wait_for_queue_stops_when_no_worker_is_left(sweep):
     with pytest.raises(SystemExit, match=r"2 experiment\(s\) still queued but no queue worker is running"):
         sweep.wait_for_queue(["sweep-ties", "sweep-median"], poll_s=0, stall_polls=3, status=status)
     assert len(calls) == 3
+
+
+def test_sweep_does_not_compare_experiments_on_other_utterances(sweep, monkeypatch, tmp_path):
+    from dataclasses import replace
+
+    other = replace(PREDICTIONS["1a2b3c4d"], ids=[f"v{i}" for i in range(100)])
+    monkeypatch.setitem(PREDICTIONS, "1a2b3c4d", other)
+    monkeypatch.setattr(sweep, "dvc", lambda *args, capture=False: json.dumps(exp_show_json()))
+    monkeypatch.setattr(sweep, "predictions_at", fake_predictions_at)
+    markdown = sweep.write_comparison(sweep.collect(), tmp_path)
+    assert [ln for ln in markdown.splitlines() if ln.startswith("| ties |")][0].split(" | ")[5] == "not comparable"
+    assert "Worse: `bias_best_light`. Evaluated on other utterances, not comparable: `ties`." in markdown
