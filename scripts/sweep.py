@@ -267,7 +267,7 @@ def _plot(rows: list[dict], path: Path, level: str = "95%") -> None:
     ax1.barh(names, wer, color=["tab:red" if b else "lightcoral" for b in near_best],
              xerr=np.stack([np.maximum(wer - low, 0), np.maximum(high - wer, 0)]), capsize=2,
              error_kw={"elinewidth": 0.8, "ecolor": "0.2"})
-    ax1.set_xlabel(f"WER (%), {level} bootstrap interval; dark: not distinguishable from the best")
+    ax1.set_xlabel(f"WER (%), {level} bootstrap interval; dark: the best and those not distinguishable from it")
     ax2.barh(names, [r["metrics"].get("bleu", 0) for r in rows], color="tab:blue")
     ax2.set_xlabel("BLEU")
     ax1.invert_yaxis()
