@@ -121,8 +121,8 @@ def _label(score: ModelScores) -> str:
     return {"base": "base", "aggregated": "**aggregated**"}.get(score.role, f"client `{score.name}`")
 
 
-def wer_table(scores: list[ModelScores], groups: list[str]) -> str:
-    level = _level(scores)
+def wer_table(scores: list[ModelScores], groups: list[str], settings: Optional[BootstrapSettings] = None) -> str:
+    level = _level(scores, settings)
     header = ["model", f"WER (pooled) [{level} CI]"] + [f"WER {g}" for g in groups] + ["CER", "BLEU"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for s in scores:
@@ -132,9 +132,10 @@ def wer_table(scores: list[ModelScores], groups: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _level(scores: list[ModelScores]) -> str:
+def _level(scores: list[ModelScores], settings: Optional[BootstrapSettings] = None) -> str:
+    """The intervals' confidence: the metrics' ``ci_confidence``, else that of the bootstrap redone here."""
     confidence = next((s.get("ci_confidence") for s in scores if s.get("ci_confidence")), None)
-    return f"{confidence:.0%}" if confidence else "95%"
+    return f"{confidence or (settings or BootstrapSettings()).confidence:.0%}"
 
 
 def _relation(c: Comparison, other: str) -> str:
@@ -243,7 +244,8 @@ def write_plot_csv(scores: list[ModelScores], groups: list[str], path: Path) -> 
     write_text_atomic(path, buf.getvalue())
 
 
-def write_chart(scores: list[ModelScores], groups: list[str], path: Path) -> None:
+def write_chart(scores: list[ModelScores], groups: list[str], path: Path,
+                settings: Optional[BootstrapSettings] = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -262,7 +264,8 @@ def write_chart(scores: list[ModelScores], groups: list[str], path: Path) -> Non
                yerr=errors, capsize=2, error_kw={"elinewidth": 0.8, "ecolor": "0.2"})
     ax.set_xticks(np.arange(len(cols)), cols)
     ax.set_ylabel("WER (%)")
-    ax.set_title(f"Test WER by client group, {_level(scores)} bootstrap intervals: base vs clients vs aggregate")
+    ax.set_title(f"Test WER by client group, {_level(scores, settings)} bootstrap intervals: base vs clients vs "
+                 "aggregate")
     ax.legend(fontsize=8, ncol=2)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -290,9 +293,10 @@ def build_report(metrics_dir: Path, clients: list[str], settings: Optional[Boots
     groups = [c for c in clients if any(s.get(f"wer_{c}") is not None for s in scores)]
     scores = attach_predictions(scores, metrics_dir / "eval", groups, settings)
     parts = ["# fedwhisper run report", "",
-             f"Test-set WER (%) after Whisper's English normaliser, corpus-level; pooled with its {_level(scores)} "
-             "bootstrap confidence interval (resampling test utterances).", ""]
-    parts += [wer_table(scores, groups), ""]
+             f"Test-set WER (%) after Whisper's English normaliser, corpus-level; pooled with its "
+             f"{_level(scores, settings)} "
+             f"bootstrap confidence interval (resampling test {settings.unit}s).", ""]
+    parts += [wer_table(scores, groups, settings), ""]
     parts += [f"- {line}" for line in findings(scores, groups, settings)]
     verdicts = verdict_tables(scores, groups, settings)
     if verdicts:
@@ -303,6 +307,6 @@ def build_report(metrics_dir: Path, clients: list[str], settings: Optional[Boots
     parts += ["", "![WER by client group](report.png)", ""]
     markdown = "\n".join(parts)
     write_plot_csv(scores, groups, metrics_dir / "wer_by_group.csv")
-    write_chart(scores, groups, metrics_dir / "report.png")
+    write_chart(scores, groups, metrics_dir / "report.png", settings)
     write_text_atomic(metrics_dir / "report.md", markdown)
     return markdown
