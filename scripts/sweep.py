@@ -1,7 +1,9 @@
 """Run the seed's ten presets and the other merge strategies as queued DVC experiments, then compare them.
 
 Replaces seed 000's run_aggregation_configs.py. Each experiment re-runs only `aggregate` and `evaluate@aggregated`
-(and the report) on top of the committed/cached pipeline. Writes metrics/sweep.md and metrics/sweep.png.
+(and the report) on top of the committed/cached pipeline. Writes metrics/sweep.md and metrics/sweep.png: every
+strategy's WER with its bootstrap confidence interval, and which strategies are not distinguishable from the best
+(paired bootstrap on each experiment's metrics/eval/aggregated_predictions.csv, read from its git commit).
 
     python scripts/sweep.py               # queue, run with one worker, collect
     python scripts/sweep.py --jobs 2      # two workers
@@ -19,6 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+from fedwhisper.decode.significance import (
+    BootstrapSettings, UtteranceCounts, describe, format_interval, paired_bootstrap, parse_predictions,
+    rate_intervals,
+)
+from fedwhisper.errors import FedWhisperError
 from fedwhisper.merge.presets import PRESETS
 
 # Strategy -> extra overrides. Krum needs n > 2f + 2 clients: with the four default clients that means f = 0 (Krum
@@ -26,6 +33,7 @@ from fedwhisper.merge.presets import PRESETS
 STRATEGIES = {"fedavg": [], "task_arithmetic": [], "ties": [], "dare_linear": [], "dare_ties": [], "median": [],
               "trimmed_mean": [], "krum": ["aggregation.f=0"], "multi_krum": ["aggregation.f=0", "aggregation.m=2"]}
 PREFIX = "sweep-"
+PREDICTIONS = "metrics/eval/aggregated_predictions.csv"
 
 
 def experiments() -> dict[str, list[str]]:
@@ -142,22 +150,94 @@ def collect() -> list[dict]:
                          "baseline": baseline})
             continue
         rows.append({"name": name[len(PREFIX):], "status": "ok", "metrics": metrics, "params": params,
-                     "baseline": baseline})
+                     "baseline": baseline, "rev": str(data.get("rev") or "")})
     return rows
 
 
-def write_comparison(rows: list[dict], out_dir: Path) -> str:
-    groups = sorted({k[4:] for r in rows for k in r["metrics"] if k.startswith("wer_")})
-    header = ["experiment", "strategy", "settings", "WER", *[f"WER {g}" for g in groups], "BLEU"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(header) - 3)) + "|"]
-    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["metrics"].get("wer", float("inf")))
+def predictions_at(rev: str) -> UtteranceCounts:
+    """The experiment's predictions CSV from its git commit (DVC commits the metrics files of every experiment)."""
+    result = subprocess.run(["git", "show", f"{rev}:{PREDICTIONS}"], text=True, capture_output=True)
+    if result.returncode != 0:
+        raise FedWhisperError(f"git show {rev[:7]}:{PREDICTIONS}: {result.stderr.strip() or 'failed'}")
+    return parse_predictions(result.stdout, f"{rev[:7]}:{PREDICTIONS}")
+
+
+def add_significance(rows: list[dict], bootstrap: BootstrapSettings) -> dict:
+    """Give each successful row its WER interval (``ci``) and its paired comparison with the best (``vs_best``:
+    a Comparison, or a reason string); return a summary (best name, names not distinguishable from it)."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    for r in ok:
+        m = r["metrics"]
+        try:
+            r["predictions"] = predictions_at(r["rev"]) if r.get("rev") else None
+            r["problem"] = "" if r["predictions"] is not None else "no experiment commit"
+        except FedWhisperError as exc:
+            r["predictions"], r["problem"] = None, str(exc)
+        if isinstance(m.get("wer_ci_low"), (int, float)) and isinstance(m.get("wer_ci_high"), (int, float)):
+            r["ci"] = (float(m["wer_ci_low"]), float(m["wer_ci_high"]))
+        elif r["predictions"] is not None:
+            wer = rate_intervals(r["predictions"], bootstrap)["wer"]
+            r["ci"] = (wer.low, wer.high)
+    scored = sorted((r for r in ok if r["predictions"] is not None),
+                    key=lambda r: (r["metrics"].get("wer", float("inf")), r["name"]))
+    if not scored:
+        return {"best": None}
+    best = scored[0]
+    best["vs_best"] = "best"
+    for r in scored[1:]:
+        try:
+            r["vs_best"] = paired_bootstrap(best["predictions"], r["predictions"], bootstrap)["wer"]
+        except FedWhisperError as exc:
+            r["vs_best"] = f"not comparable ({exc})"
+    verdicts = {r["name"]: "not comparable" if isinstance(r["vs_best"], str) else r["vs_best"].verdict
+                for r in scored[1:]}
+    return {"best": best["name"], **{key: [n for n, v in verdicts.items() if v == verdict] for key, verdict in (
+        ("tied", "not distinguishable"), ("worse", "worse"), ("better", "better"), ("apart", "not comparable"))}}
+
+
+def _vs_best_cell(r: dict) -> str:
+    value = r.get("vs_best")
+    if value is None:
+        return "n/a"
+    if isinstance(value, str):
+        return value if value == "best" else "not comparable"
+    return describe(value).replace("not distinguishable", "n.d.")
+
+
+def write_comparison(rows: list[dict], out_dir: Path, bootstrap: BootstrapSettings | None = None) -> str:
+    bootstrap = bootstrap or BootstrapSettings()
+    summary = add_significance(rows, bootstrap)
+    level = f"{bootstrap.confidence:.0%}"
+    groups = sorted({k[4:] for r in rows for k in r["metrics"] if k.startswith("wer_") and not k.startswith("wer_ci_")})
+    header = ["experiment", "strategy", "settings", "WER", f"{level} CI", "vs best (B - best, CI, p)",
+              *[f"WER {g}" for g in groups], "BLEU"]
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join(["---"] * 3 + ["---:"] * 2 + ["---"] + ["---:"] * (len(header) - 6)) + "|"]
+    ok = sorted((r for r in rows if r["status"] == "ok"),
+                key=lambda r: (r["metrics"].get("wer", float("inf")), r["name"]))
     for r in ok + [r for r in rows if r["status"] != "ok"]:
         m, p = r["metrics"], r["params"]
         cells = [r["name"], str(p.get("strategy", "?")), settings(r["name"])]
-        cells += [f"{m[k]:.2f}" if isinstance(m.get(k), (int, float)) else r["status"]
+        values = [f"{m[k]:.2f}" if isinstance(m.get(k), (int, float)) else r["status"]
                   for k in ["wer", *[f"wer_{g}" for g in groups], "bleu"]]
+        ci = format_interval(*r["ci"]) if r.get("ci") else ("n/a" if r["status"] == "ok" else r["status"])
+        cells += [values[0], ci, _vs_best_cell(r) if r["status"] == "ok" else r["status"], *values[1:]]
         lines.append("| " + " | ".join(cells) + " |")
     markdown = "# Aggregation sweep (test WER %, aggregated model)\n\n" + "\n".join(lines) + "\n"
+    if summary["best"]:
+        names = {k: ", ".join(f"`{n}`" for n in summary[k]) or "none" for k in ("tied", "worse", "better", "apart")}
+        markdown += (
+            f"\nBest: `{summary['best']}`. Not distinguishable from it at {level}: {names['tied']}. "
+            f"Worse: {names['worse']}."
+            + (f" Better despite a higher WER (ties in the WER sort): {names['better']}." if summary["better"] else "")
+            + (f" Evaluated on other utterances, not comparable: {names['apart']}." if summary["apart"] else "")
+            + f" Paired bootstrap (Bisani & Ney 2004) on each experiment's {PREDICTIONS}, {bootstrap.resamples} "
+            f"resamples of {bootstrap.unit}s, seed {bootstrap.seed}; n.d. = not distinguishable (the interval of the "
+            "difference holds 0).\n"
+        )
+    missing = [f"`{r['name']}` ({r['problem']})" for r in ok if r.get("problem")]
+    if missing:
+        markdown += f"\nNo predictions, so no interval or comparison, for: {'; '.join(missing)}.\n"
     baselines = sorted({r.get("baseline") for r in rows if r.get("baseline")})
     if len(baselines) > 1:
         counts = ", ".join(f"{b} ({sum(r.get('baseline') == b for r in rows)})" for b in baselines)
@@ -166,20 +246,28 @@ def write_comparison(rows: list[dict], out_dir: Path) -> str:
     tmp = out_dir / f".sweep.md.tmp-{os.getpid()}"
     tmp.write_text(markdown + "\n![sweep](sweep.png)\n", encoding="utf-8")
     os.replace(tmp, out_dir / "sweep.md")
-    _plot(ok, out_dir / "sweep.png")
+    _plot(ok, out_dir / "sweep.png", level)
     return markdown
 
 
-def _plot(rows: list[dict], path: Path) -> None:
+def _plot(rows: list[dict], path: Path, level: str = "95%") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     names = [r["name"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, max(3.5, 0.32 * len(rows) + 1)), sharey=True)
-    ax1.barh(names, [r["metrics"].get("wer", 0) for r in rows], color="tab:red")
-    ax1.set_xlabel("WER (%)")
+    wer = np.array([r["metrics"].get("wer", 0) for r in rows], float)
+    low = np.array([r["ci"][0] if r.get("ci") else w for r, w in zip(rows, wer)])
+    high = np.array([r["ci"][1] if r.get("ci") else w for r, w in zip(rows, wer)])
+    near_best = [r.get("vs_best") == "best" or (not isinstance(r.get("vs_best"), (str, type(None)))
+                                                and r["vs_best"].verdict == "not distinguishable") for r in rows]
+    ax1.barh(names, wer, color=["tab:red" if b else "lightcoral" for b in near_best],
+             xerr=np.stack([np.maximum(wer - low, 0), np.maximum(high - wer, 0)]), capsize=2,
+             error_kw={"elinewidth": 0.8, "ecolor": "0.2"})
+    ax1.set_xlabel(f"WER (%), {level} bootstrap interval; dark: the best and those not distinguishable from it")
     ax2.barh(names, [r["metrics"].get("bleu", 0) for r in rows], color="tab:blue")
     ax2.set_xlabel("BLEU")
     ax1.invert_yaxis()
@@ -189,6 +277,15 @@ def _plot(rows: list[dict], path: Path) -> None:
     fig.savefig(tmp, dpi=110, metadata={"Software": None})
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def sweep_bootstrap_settings(params_path: Path = Path("params.yaml")) -> BootstrapSettings:
+    """The workspace's ``evaluate.bootstrap`` (the defaults without a params file)."""
+    from fedwhisper.params import load_params
+
+    if not params_path.is_file():
+        return BootstrapSettings()
+    return BootstrapSettings.from_params(load_params(params_path).evaluate.bootstrap)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print("sweep: no sweep experiments found (dvc exp show)", file=sys.stderr)
         return 1
-    print(write_comparison(rows, args.out))
+    print(write_comparison(rows, args.out, sweep_bootstrap_settings()))
     failed = [r["name"] for r in rows if r["status"] != "ok"]
     if failed:
         print(f"sweep: {len(failed)} experiment(s) failed: {', '.join(failed)}; see `dvc queue logs <name>`",

@@ -1,9 +1,11 @@
-"""Write metrics/report.md, metrics/report.png and metrics/wer_by_group.csv from the evaluation metrics."""
+"""Write metrics/report.md, metrics/report.png and metrics/wer_by_group.csv from the evaluation metrics and
+predictions (paired bootstrap verdicts with params.yaml's evaluate.bootstrap settings)."""
 
 import argparse
 import sys
 from pathlib import Path
 
+from fedwhisper.decode.significance import BootstrapSettings
 from fedwhisper.errors import FedWhisperError
 from fedwhisper.params import load_params
 from fedwhisper.report import build_report
@@ -16,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
-        build_report(args.metrics_dir, params.clients)
+        build_report(args.metrics_dir, params.clients, BootstrapSettings.from_params(params.evaluate.bootstrap))
     except FedWhisperError as exc:
         print(f"report: error: {exc}", file=sys.stderr)
         return 1

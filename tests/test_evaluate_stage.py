@@ -78,11 +78,20 @@ def test_stage_writes_flat_metrics_and_every_prediction(tiny_en_dir, prepared, t
     for client in picks:
         assert isinstance(metrics[f"wer_{client}"], float) and metrics[f"n_samples_{client}"] == 2
     assert 0.0 <= metrics["wer"] < 100.0 and metrics["rtfx"] > 0
+    for suffix in ["", *[f"_{client}" for client in picks]]:  # 95% bootstrap intervals, pooled and per group
+        assert metrics[f"wer_ci_low{suffix}"] <= metrics[f"wer{suffix}"] <= metrics[f"wer_ci_high{suffix}"]
+        assert metrics[f"cer_ci_low{suffix}"] <= metrics[f"cer{suffix}"] <= metrics[f"cer_ci_high{suffix}"]
+    assert (metrics["ci_confidence"], metrics["ci_resamples"]) == (0.95, 1000)
     with (out / "base_predictions.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 5
     noref = [r for r in rows if r["id"].endswith("_noref")]
-    assert noref[0]["scored"] == "False" and noref[0]["hypothesis"]
+    assert noref[0]["scored"] == "False" and noref[0]["hypothesis"] and noref[0]["char_errors"] == ""
+    scored = [r for r in rows if r["scored"] == "True"]
+    assert 100 * sum(int(r["word_errors"]) for r in scored) / sum(int(r["ref_words"]) for r in scored) == \
+        pytest.approx(metrics["wer"])
+    assert 100 * sum(int(r["char_errors"]) for r in scored) / sum(int(r["ref_chars"]) for r in scored) == \
+        pytest.approx(metrics["cer"])
     assert all(r["reference_normalized"] == r["reference_normalized"].lower() for r in rows)
     assert sorted(p.name for p in out.iterdir()) == ["base.json", "base_predictions.csv"]
 

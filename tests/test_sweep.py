@@ -4,6 +4,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,29 +69,105 @@ def test_experiments_cover_the_ten_presets_and_the_other_strategies(sweep):
     assert all(name.startswith(sweep.PREFIX) for name in runs)
 
 
+def synthetic_predictions(extra_errors):
+    """100 utterances of 10 words; the best (median, 4.0%) has one error on each of the first 40; ``extra_errors``
+    maps utterance -> errors added on top."""
+    from fedwhisper.decode.significance import UtteranceCounts
+
+    errors = np.array([1] * 40 + [0] * 60)
+    for i, e in extra_errors.items():
+        errors[i] += e
+    counts = np.stack([errors, np.full(100, 10), errors, np.full(100, 50)], 1).astype(np.int64)
+    ids, refs = [f"u{i}" for i in range(100)], [f"sentence {i}" for i in range(100)]
+    return UtteranceCounts("x", ids, ["a"] * 50 + ["b"] * 50, refs, refs, np.ones(100, bool), counts)
+
+
+PREDICTIONS = {  # experiment commit -> its predictions, matching the WER in exp_show_json
+    "3da274a5": synthetic_predictions({}),
+    "1a2b3c4d": synthetic_predictions({70: 5}),  # ties 4.5: five more errors, all on one utterance
+    "9ec03659": synthetic_predictions({i: 1 for i in range(60, 80)}),  # bias_best_light 6.0: 20 more, spread
+    "bbbb2222": synthetic_predictions({}),  # median 4.0
+}
+
+
+def fake_predictions_at(rev):
+    from fedwhisper.errors import FedWhisperError
+
+    if rev not in PREDICTIONS:
+        raise FedWhisperError(f"git show {rev[:7]}:metrics/eval/aggregated_predictions.csv: bad object")
+    return PREDICTIONS[rev]
+
+
 def test_collect_and_comparison(sweep, monkeypatch, tmp_path):
     monkeypatch.setattr(sweep, "dvc", lambda *args, capture=False: json.dumps(exp_show_json()))
+    monkeypatch.setattr(sweep, "predictions_at", fake_predictions_at)
     rows = sweep.collect()
     assert [(r["name"], r["status"]) for r in rows] == [
         ("bias_best_light", "ok"), ("krum", "failed"), ("median", "ok"), ("multi-krum", "failed"), ("ties", "ok")]
     assert {r["name"]: r["baseline"] for r in rows}["median"] == "0ldc0mm"
     markdown = sweep.write_comparison(rows, tmp_path)
     table = [ln for ln in markdown.splitlines() if ln.startswith("| ")]
-    assert table[0] == "| experiment | strategy | settings | WER | WER a | WER b | BLEU |"
+    assert table[0] == ("| experiment | strategy | settings | WER | 95% CI | vs best (B - best, CI, p) | WER a | WER b "
+                        "| BLEU |")
     # sorted by WER, the failed runs last; the newer ties run (4.50) replaced the older one (9.00)
-    assert table[1] == "| median | median | - | 4.00 | 3.00 | 5.00 | 86.00 |"
-    assert table[2] == "| ties | ties | - | 4.50 | 3.50 | 5.50 | 85.50 |"
-    assert table[3] == "| bias_best_light | mean | preset=bias_best_light | 6.00 | 5.00 | 7.00 | 84.00 |"
-    assert table[4].startswith("| krum | krum | f=0 | failed")
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in table[1:]]
+    assert cells[0][:4] == ["median", "median", "-", "4.00"] and cells[0][5:] == ["best", "3.00", "5.00", "86.00"]
+    low, high = (float(x) for x in cells[0][4].strip("[]").split(","))
+    assert 2.0 < low < 4.0 < high < 6.0
+    assert cells[1][:4] == ["ties", "ties", "-", "4.50"] and cells[1][5].startswith("n.d.: +0.50 [0.00, ")
+    assert cells[1][6:] == ["3.50", "5.50", "85.50"]
+    assert cells[2][:4] == ["bias_best_light", "mean", "preset=bias_best_light", "6.00"]
+    assert cells[2][5].startswith("worse: +2.00 [") and cells[2][5].endswith("p <0.002")
+    assert table[4].startswith("| krum | krum | f=0 | failed | failed | failed |")
     assert table[5].startswith("| multi-krum | multi_krum | f=0, m=2 | failed")
+    assert "Best: `median`. Not distinguishable from it at 95%: `ties`. Worse: `bias_best_light`. Paired" in markdown
     assert "Experiments from 2 baseline commits: 0ldc0mm (1), 3da274a (4)." in markdown
     assert (tmp_path / "sweep.md").read_text().startswith("# Aggregation sweep")
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+def test_sweep_intervals_from_metrics_and_experiments_without_predictions(sweep, monkeypatch, tmp_path):
+    """Newer experiments carry wer_ci_low/high in their metrics; one whose CSV git cannot show gets no verdict."""
+    shown = exp_show_json()
+    ties = shown[1]["experiments"][1]["revs"][0]["data"]["metrics"]["metrics/eval/aggregated.json"]["data"]
+    ties.update(wer_ci_low=3.25, wer_ci_high=5.75, wer_ci_low_a=1.0, wer_ci_high_a=6.0)
+    monkeypatch.setattr(sweep, "dvc", lambda *args, capture=False: json.dumps(shown))
+    monkeypatch.setattr(sweep, "predictions_at", fake_predictions_at)
+    monkeypatch.delitem(PREDICTIONS, "9ec03659")
+    markdown = sweep.write_comparison(sweep.collect(), tmp_path)
+    assert "| ties | ties | - | 4.50 | [3.25, 5.75] | n.d.: +0.50" in markdown
+    assert "| WER a | WER b |" in markdown and "WER ci_low" not in markdown
+    assert "| bias_best_light | mean | preset=bias_best_light | 6.00 | n/a | n/a | 5.00 |" in markdown
+    assert "No predictions, so no interval or comparison, for: `bias_best_light` (git show 9ec0365:" in markdown
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_predictions_at_reads_the_experiment_commit(sweep, tmp_path, monkeypatch):
+    """The CSV comes from the commit git has for the experiment (here: a throwaway repository)."""
+    import subprocess
+
+    monkeypatch.chdir(tmp_path)
+    csv_path = tmp_path / sweep.PREDICTIONS
+    csv_path.parent.mkdir(parents=True)
+    csv_path.write_text("id,client,reference,hypothesis\nu1,a,the cat sat,the cat sad\nu2,b,a dog,a dog\n")
+    git = ["git", "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(["git", "init", "-q"], check=True)
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-qm", "exp"], check=True)
+    rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    csv_path.unlink()
+    counts = sweep.predictions_at(rev)
+    assert counts.ids == ["u1", "u2"] and counts.counts[:, :2].tolist() == [[1, 3], [0, 2]]
+    from fedwhisper.errors import FedWhisperError
+
+    with pytest.raises(FedWhisperError, match="git show 0000000:metrics/eval/aggregated_predictions.csv"):
+        sweep.predictions_at("0" * 40)
+
+
 def test_main_collect_reports_failures(sweep, monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(sweep, "dvc", lambda *args, capture=False: json.dumps(exp_show_json()))
+    monkeypatch.setattr(sweep, "predictions_at", fake_predictions_at)
     assert sweep.main(["--collect", "--out", str(tmp_path)]) == 1
     assert "2 experiment(s) failed: krum, multi-krum" in capsys.readouterr().err
     monkeypatch.setattr(sweep, "dvc", lambda *args, capture=False: json.dumps(exp_show_json()[:1]))
@@ -178,3 +255,15 @@ def test_wait_for_queue_stops_when_no_worker_is_left(sweep):
     with pytest.raises(SystemExit, match=r"2 experiment\(s\) still queued but no queue worker is running"):
         sweep.wait_for_queue(["sweep-ties", "sweep-median"], poll_s=0, stall_polls=3, status=status)
     assert len(calls) == 3
+
+
+def test_sweep_does_not_compare_experiments_on_other_utterances(sweep, monkeypatch, tmp_path):
+    from dataclasses import replace
+
+    other = replace(PREDICTIONS["1a2b3c4d"], ids=[f"v{i}" for i in range(100)])
+    monkeypatch.setitem(PREDICTIONS, "1a2b3c4d", other)
+    monkeypatch.setattr(sweep, "dvc", lambda *args, capture=False: json.dumps(exp_show_json()))
+    monkeypatch.setattr(sweep, "predictions_at", fake_predictions_at)
+    markdown = sweep.write_comparison(sweep.collect(), tmp_path)
+    assert [ln for ln in markdown.splitlines() if ln.startswith("| ties |")][0].split(" | ")[5] == "not comparable"
+    assert "Worse: `bias_best_light`. Evaluated on other utterances, not comparable: `ties`." in markdown

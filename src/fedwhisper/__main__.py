@@ -1,4 +1,5 @@
-"""`python -m fedwhisper transcribe --model DIR FILE...`: transcribe audio without references (seed 003's test.py)."""
+"""`python -m fedwhisper transcribe --model DIR FILE...`: transcribe audio without references (seed 003's test.py).
+`python -m fedwhisper compare A_predictions.csv B_predictions.csv`: is B's WER really different from A's?"""
 
 from __future__ import annotations
 
@@ -55,6 +56,55 @@ def transcribe_files(
     return results, skipped
 
 
+def compare_settings(params_path: str | Path | None, overrides: dict):
+    """``evaluate.bootstrap`` (and ``evaluate.normalizer``) from the params file, or the defaults when it is absent,
+    with command-line overrides validated like params.yaml."""
+    from fedwhisper.decode.settings import evaluate_params_with_overrides
+    from fedwhisper.decode.significance import BootstrapSettings
+    from fedwhisper.params import params_from_dict, to_dict
+
+    evaluate = evaluate_params_with_overrides(params_path, {"normalizer": overrides.get("normalizer")})
+    changes = {k: overrides[k] for k in ("resamples", "seed", "confidence", "unit") if overrides.get(k) is not None}
+    if changes:
+        section = to_dict(evaluate)
+        section["bootstrap"] = {**section["bootstrap"], **changes}
+        evaluate = params_from_dict({"evaluate": section}).evaluate
+    return BootstrapSettings.from_params(evaluate.bootstrap), evaluate.normalizer
+
+
+def _sentence(verdict: str) -> str:
+    sentences = {"better": "B is better than A", "worse": "B is worse than A"}
+    return sentences.get(verdict, "A and B are not distinguishable")
+
+
+def run_compare(args) -> str:
+    from fedwhisper.decode.significance import comparison_table, compare_counts, describe, read_predictions
+
+    settings, normalizer = compare_settings(args.params, vars(args))
+    a, b = read_predictions(args.a, normalizer), read_predictions(args.b, normalizer)
+    comparisons = compare_counts(a, b, settings)
+    if args.metric != "both":
+        comparisons = [c for c in comparisons if c.metric == args.metric]
+    if args.json:
+        import dataclasses
+
+        return json.dumps([{**dataclasses.asdict(c), "verdict": c.verdict} for c in comparisons], indent=2)
+    pooled = next(c for c in comparisons if c.group == "pooled")
+    level = f"{settings.confidence:.0%}"
+    lines = [
+        f"A: {args.a}",
+        f"B: {args.b}",
+        f"{int(a.scored.sum())} scored utterances in both; B - A in percentage points; paired bootstrap "
+        f"(Bisani & Ney 2004): {settings.resamples} resamples of {settings.unit}s, seed {settings.seed}",
+        "",
+        comparison_table(comparisons, markdown=args.md),
+        "",
+        f"{pooled.metric.upper()} pooled, A {pooled.a:.2f} -> B {pooled.b:.2f}: {_sentence(pooled.verdict)} at "
+        f"{level} ({describe(pooled)})",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     from fedwhisper.errors import FedWhisperError
 
@@ -70,7 +120,34 @@ def main(argv: list[str] | None = None) -> int:
                          "rest, list the skipped files on stderr and exit with status 1")
     for key in ("backend", "batch_size", "beam_size", "language", "task", "max_new_tokens", "device", "compute_type"):
         tr.add_argument(f"--{key}", type=int if key in ("batch_size", "beam_size", "max_new_tokens") else str)
+    cmp = sub.add_parser(
+        "compare", help="paired bootstrap of two predictions CSVs on the same utterances: WER/CER difference, "
+        "its confidence interval and p-value, pooled and per client group",
+        description="Compare B against A (B - A), e.g. the workspace against HEAD: python -m fedwhisper compare "
+        "<(git show HEAD:metrics/eval/aggregated_predictions.csv) metrics/eval/aggregated_predictions.csv. "
+        "Refuses predictions on different utterance sets. CSVs written before the per-utterance count columns "
+        "existed are recounted from their normalised text.")
+    cmp.add_argument("a", metavar="A_predictions.csv", help="the reference system (e.g. HEAD, the base)")
+    cmp.add_argument("b", metavar="B_predictions.csv", help="the system under review (e.g. the workspace)")
+    cmp.add_argument("--params", default="params.yaml", help="bootstrap settings from its `evaluate.bootstrap:`")
+    cmp.add_argument("--resamples", type=int)
+    cmp.add_argument("--seed", type=int)
+    cmp.add_argument("--confidence", type=float, help="e.g. 0.95")
+    cmp.add_argument("--unit", help="utterance | sentence: what is resampled")
+    cmp.add_argument("--normalizer",
+                     help="only for CSVs without normalised text columns (default: evaluate.normalizer)")
+    cmp.add_argument("--metric", choices=("wer", "cer", "both"), default="both")
+    shown = cmp.add_mutually_exclusive_group()
+    shown.add_argument("--md", action="store_true", help="the table in markdown, to paste into a PR")
+    shown.add_argument("--json", action="store_true", help="every comparison as JSON")
     args = parser.parse_args(argv)
+    if args.command == "compare":
+        try:
+            print(run_compare(args))
+        except FedWhisperError as exc:
+            print(f"compare: error: {exc}", file=sys.stderr)
+            return 1
+        return 0
     try:
         from fedwhisper.decode.settings import evaluate_params_with_overrides
 

@@ -172,6 +172,21 @@ class AggregationParams:
 
 
 @dataclass(frozen=True)
+class BootstrapParams:
+    resamples: int = p(
+        1000, "Bootstrap resamples for every WER/CER confidence interval and paired comparison.", min=1000
+    )
+    seed: int = p(0, "Seed of the resampling (each interval starts a fresh generator from it).", min=0)
+    confidence: float = p(
+        0.95, "Confidence level of the intervals and of the better/worse verdicts.", gt=0.5, max=0.999
+    )
+    unit: Literal["utterance", "sentence"] = p(
+        "utterance", "What is resampled: each utterance, or each sentence (utterances sharing a normalised reference, "
+        "e.g. the same sentence read in several accents, are drawn together)."
+    )
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
     backend: Literal["transformers", "openai-whisper", "ctranslate2"] = p(
         "ctranslate2", "Decoding backend (ctranslate2 = fastest here with outputs identical to transformers)."
@@ -187,6 +202,7 @@ class EvaluateParams:
         "default", "Compute type: any for ctranslate2, float32/float16/bfloat16 for transformers; default = "
         "float32 on CPU, float16 on CUDA (int8 and bfloat16 moved tiny.en's WER by over 1 point)."
     )
+    bootstrap: BootstrapParams = p(None, "Confidence intervals and significance.", factory=BootstrapParams)
 
 
 @dataclass(frozen=True)

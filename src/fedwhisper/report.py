@@ -1,7 +1,9 @@
 """The run report: base vs each client vs the aggregate, pooled and per client group.
 
-Reads the evaluate stages' flat metrics (`metrics/eval/<model>.json`: `wer`, `cer`, `bleu`, `wer_<group>`, ...) and
-writes `metrics/report.md`, `metrics/report.png` and `metrics/wer_by_group.csv` (the DVC plot source).
+Reads the evaluate stages' flat metrics (`metrics/eval/<model>.json`: `wer`, `cer`, `bleu`, `wer_<group>`,
+`wer_ci_low`, ...) and their predictions (`metrics/eval/<model>_predictions.csv`), and writes `metrics/report.md`,
+`metrics/report.png` and `metrics/wer_by_group.csv` (the DVC plot source). Every model is marked against the base
+and against the aggregate as better / worse / not distinguishable, by the paired bootstrap on the predictions.
 """
 
 from __future__ import annotations
@@ -10,11 +12,18 @@ import csv
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from fedwhisper.atomic import remove_stale_siblings, write_text_atomic
-from fedwhisper.errors import FedWhisperError
+from fedwhisper.decode.significance import (
+    POOLED, BootstrapSettings, Comparison, UtteranceCounts, describe, format_p, group_rows, paired_bootstrap,
+    rate_intervals, read_predictions, check_same_utterances,
+)
+from fedwhisper.errors import DecodeError, FedWhisperError
+
+VERDICT_SHORT = {"better": "better", "worse": "worse", "not distinguishable": "n.d."}
 
 
 @dataclass(frozen=True)
@@ -22,10 +31,16 @@ class ModelScores:
     name: str
     role: str  # base | client | aggregated
     metrics: dict
+    predictions: Optional[UtteranceCounts] = None
+    problem: str = ""  # why there are no predictions to compare
+    intervals: dict = field(default_factory=dict)  # "pooled" / group -> (low, high) WER interval
 
     def get(self, key: str) -> float | None:
         value = self.metrics.get(key)
         return float(value) if isinstance(value, (int, float)) else None
+
+    def wer_key(self, group: str) -> str:
+        return "wer" if group == POOLED else f"wer_{group}"
 
 
 def load_scores(eval_dir: Path, clients: list[str]) -> list[ModelScores]:
@@ -46,76 +61,211 @@ def load_scores(eval_dir: Path, clients: list[str]) -> list[ModelScores]:
     return scores
 
 
+def attach_predictions(scores: list[ModelScores], eval_dir: Path, groups: list[str],
+                       settings: BootstrapSettings) -> list[ModelScores]:
+    """Each model with its predictions and WER intervals: the metrics' ``wer_ci_low[_<group>]`` keys, or, for
+    metrics written before they existed, the same bootstrap redone on the predictions."""
+    out = []
+    for s in scores:
+        path = eval_dir / f"{s.name}_predictions.csv"
+        counts, problem = None, ""
+        if path.exists():
+            try:
+                counts = read_predictions(path, str(s.metrics.get("normalizer") or "english"))
+            except DecodeError as exc:
+                problem = str(exc)
+        else:
+            problem = f"{path} not found"
+        intervals = {}
+        for g in [POOLED] + groups:
+            suffix = "" if g == POOLED else f"_{g}"
+            low, high = s.get(f"wer_ci_low{suffix}"), s.get(f"wer_ci_high{suffix}")
+            if (low is None or high is None) and counts is not None:
+                rows = group_rows(counts).get(g)
+                if rows is not None and len(rows):
+                    wer = rate_intervals(counts, settings, rows)["wer"]
+                    low, high = wer.low, wer.high
+            if low is not None and high is not None:
+                intervals[g] = (low, high)
+        out.append(ModelScores(s.name, s.role, s.metrics, counts, problem, intervals))
+    return out
+
+
+def compare_models(a: ModelScores, b: ModelScores, groups: list[str],
+                   settings: BootstrapSettings) -> dict[str, Comparison] | str:
+    """WER of ``b`` against ``a`` (``b - a``), pooled and per group; a reason string when they cannot be compared."""
+    if a.predictions is None or b.predictions is None:
+        return "no predictions"
+    try:
+        order = check_same_utterances(a.predictions, b.predictions)
+    except DecodeError:
+        return "different test utterances"
+    rows = group_rows(a.predictions)
+    return {g: paired_bootstrap(a.predictions, b.predictions, settings, rows[g], g, order)["wer"]
+            for g in [POOLED] + groups if g in rows and len(rows[g])}
+
+
 def _fmt(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _with_interval(score: ModelScores, group: str) -> str:
+    value = _fmt(score.get(score.wer_key(group)))
+    if group in score.intervals:
+        low, high = score.intervals[group]
+        value += f" [{low:.1f}, {high:.1f}]"
+    return value
 
 
 def _label(score: ModelScores) -> str:
     return {"base": "base", "aggregated": "**aggregated**"}.get(score.role, f"client `{score.name}`")
 
 
-def wer_table(scores: list[ModelScores], groups: list[str]) -> str:
-    header = ["model", "WER (pooled)"] + [f"WER {g}" for g in groups] + ["CER", "BLEU"]
+def wer_table(scores: list[ModelScores], groups: list[str], settings: Optional[BootstrapSettings] = None) -> str:
+    level = _level(scores, settings)
+    header = ["model", f"WER (pooled) [{level} CI]"] + [f"WER {g}" for g in groups] + ["CER", "BLEU"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     for s in scores:
-        row = [_label(s), _fmt(s.get("wer"))] + [_fmt(s.get(f"wer_{g}")) for g in groups]
+        row = [_label(s), _with_interval(s, POOLED)] + [_fmt(s.get(f"wer_{g}")) for g in groups]
         row += [_fmt(s.get("cer")), _fmt(s.get("bleu"))]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-def findings(scores: list[ModelScores], groups: list[str]) -> list[str]:
-    """Plain statements computed from the numbers (nothing is claimed that the table does not show)."""
+def _level(scores: list[ModelScores], settings: Optional[BootstrapSettings] = None) -> str:
+    """The intervals' confidence: the metrics' ``ci_confidence``, else that of the bootstrap redone here."""
+    confidence = next((s.get("ci_confidence") for s in scores if s.get("ci_confidence")), None)
+    return f"{confidence or (settings or BootstrapSettings()).confidence:.0%}"
+
+
+def _relation(c: Comparison, other: str) -> str:
+    """``better than the base at 95% (-34.05 [-45.89, -25.63], p <0.002)``."""
+    head = {"better": f"better than {other}", "worse": f"worse than {other}"}.get(
+        c.verdict, f"not distinguishable from {other}")
+    return f"{head} at {c.confidence:.0%} ({c.delta:+.2f} points [{c.low:.2f}, {c.high:.2f}], " \
+           f"p {format_p(c.p_value, c.resamples)})"
+
+
+def findings(scores: list[ModelScores], groups: list[str],
+             settings: Optional[BootstrapSettings] = None) -> list[str]:
+    """Plain statements computed from the numbers (nothing is claimed that the tables do not show)."""
+    settings = settings or BootstrapSettings()
     by_role = {s.role: s for s in scores if s.role != "client"}
     clients = [s for s in scores if s.role == "client"]
     base, agg = by_role.get("base"), by_role.get("aggregated")
     out = []
+    vs_base = compare_models(base, agg, groups, settings) if base and agg else None
     if base and agg and base.get("wer") and agg.get("wer") is not None:
         ratio = agg.get("wer") / base.get("wer")
-        out.append(
-            f"Pooled WER: base {_fmt(base.get('wer'))}% -> aggregated {_fmt(agg.get('wer'))}% "
-            f"({ratio:.2f}x the base)."
-        )
+        line = (f"Pooled WER: base {_fmt(base.get('wer'))}% -> aggregated {_fmt(agg.get('wer'))}% "
+                f"({ratio:.2f}x the base)")
+        out.append(line + (f"; the aggregate is {_relation(vs_base[POOLED], 'the base')}." if isinstance(
+            vs_base, dict) and POOLED in vs_base else "."))
     if agg and clients:
         best = min(clients, key=lambda s: s.get("wer") if s.get("wer") is not None else float("inf"))
-        relation = "at or below" if agg.get("wer") <= best.get("wer") else "above"
-        out.append(
-            f"Best single client pooled: `{best.name}` {_fmt(best.get('wer'))}%; the aggregate is {relation} it."
-        )
+        vs_best = compare_models(best, agg, groups, settings)
+        if isinstance(vs_best, dict) and POOLED in vs_best:
+            relation = f"({_fmt(agg.get('wer'))}%) is {_relation(vs_best[POOLED], 'it')}"
+        else:
+            relation = "is " + ("at or below" if agg.get("wer") <= best.get("wer") else "above") + " it"
+        out.append(f"Best single client pooled: `{best.name}` {_fmt(best.get('wer'))}%; the aggregate {relation}.")
     if base and agg:
         better = [g for g in groups if (agg.get(f"wer_{g}") or 0) < (base.get(f"wer_{g}") or 0)]
-        out.append(f"The aggregate beats the base on {len(better)} of {len(groups)} client groups.")
+        line = f"The aggregate beats the base on {len(better)} of {len(groups)} client groups"
+        if isinstance(vs_base, dict):
+            sig = [g for g in groups if g in vs_base and vs_base[g].verdict == "better"]
+            line += f"; significantly (paired bootstrap, {settings.confidence:.0%}) on {len(sig)} of them"
+        out.append(line + ".")
     return out
+
+
+def verdict_tables(scores: list[ModelScores], groups: list[str], settings: BootstrapSettings) -> list[str]:
+    """Every model against the base and against the aggregate, pooled (difference, interval, p) and per group."""
+    refs = [s for s in scores if s.role in ("base", "aggregated")]
+    if not refs:
+        return []
+    level = f"{settings.confidence:.0%}"
+    names = {"base": "the base", "aggregated": "the aggregate"}
+    results = {(s.name, r.name): compare_models(r, s, groups, settings) for s in scores for r in refs if s is not r}
+    pooled = ["| model | " + " | ".join(f"vs {names[r.role]}" for r in refs) + " |",
+              "|---|" + "---|" * len(refs)]
+    for s in scores:
+        cells = []
+        for r in refs:
+            res = results.get((s.name, r.name))
+            if res is None:
+                cells.append("-")
+            elif isinstance(res, str):
+                cells.append(f"n/a ({res})")
+            else:
+                cells.append(describe(res[POOLED]) if POOLED in res else "n/a")
+        pooled.append(f"| {_label(s)} | " + " | ".join(cells) + " |")
+    per_group = ["| model | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
+    for s in scores:
+        cells = []
+        for g in groups:
+            parts = []
+            for r in refs:
+                res = results.get((s.name, r.name))
+                parts.append("-" if res is None else "n/a" if isinstance(res, str) or g not in res
+                             else VERDICT_SHORT[res[g].verdict])
+            cells.append(" / ".join(parts))
+        per_group.append(f"| {_label(s)} | " + " | ".join(cells) + " |")
+    against = " and ".join(names[r.role] for r in refs)
+    out = [
+        f"## Better, worse or not distinguishable at {level}",
+        "",
+        f"Each model against {against}: the paired bootstrap (Bisani & Ney 2004) on the same test utterances, "
+        f"{settings.resamples} resamples of {settings.unit}s, seed {settings.seed}. Cells give the verdict for the "
+        f"row's model, its WER minus the other's (points), the {level} interval of that difference, and the "
+        "two-sided p-value. A model is better or worse only when the interval excludes 0.",
+        "",
+        *pooled,
+        "",
+        f"Per client group (verdict vs {' / vs '.join(names[r.role] for r in refs)}; n.d. = not distinguishable "
+        f"at {level}):",
+        "",
+        *per_group,
+    ]
+    notes = [f"- `{s.name}`: no paired comparison ({s.problem})." for s in scores if s.problem]
+    return out + ([""] + notes if notes else [])
 
 
 def write_plot_csv(scores: list[ModelScores], groups: list[str], path: Path) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["label", "model", "group", "wer"])
+    writer.writerow(["label", "model", "group", "wer", "wer_ci_low", "wer_ci_high"])
     for s in scores:
-        for g in ["pooled"] + groups:
-            value = s.get("wer" if g == "pooled" else f"wer_{g}")
+        for g in [POOLED] + groups:
+            value = s.get(s.wer_key(g))
             if value is not None:
-                writer.writerow([f"{s.name} | {g}", s.name, g, f"{value:.4f}"])
+                low, high = (f"{v:.4f}" for v in s.intervals[g]) if g in s.intervals else ("", "")
+                writer.writerow([f"{s.name} | {g}", s.name, g, f"{value:.4f}", low, high])
     write_text_atomic(path, buf.getvalue())
 
 
-def write_chart(scores: list[ModelScores], groups: list[str], path: Path) -> None:
+def write_chart(scores: list[ModelScores], groups: list[str], path: Path,
+                settings: Optional[BootstrapSettings] = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    cols = ["pooled"] + groups
+    cols = [POOLED] + groups
     width = 0.8 / len(scores)
     fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(cols)), 4.2))
     for i, s in enumerate(scores):
-        values = [s.get("wer" if c == "pooled" else f"wer_{c}") or 0.0 for c in cols]
-        ax.bar(np.arange(len(cols)) + i * width - 0.4 + width / 2, values, width, label=s.name)
+        values = np.array([s.get(s.wer_key(c)) or 0.0 for c in cols])
+        low = np.array([s.intervals[c][0] if c in s.intervals else v for c, v in zip(cols, values)])
+        high = np.array([s.intervals[c][1] if c in s.intervals else v for c, v in zip(cols, values)])
+        errors = np.stack([np.maximum(values - low, 0), np.maximum(high - values, 0)])
+        ax.bar(np.arange(len(cols)) + i * width - 0.4 + width / 2, values, width, label=s.name,
+               yerr=errors, capsize=2, error_kw={"elinewidth": 0.8, "ecolor": "0.2"})
     ax.set_xticks(np.arange(len(cols)), cols)
     ax.set_ylabel("WER (%)")
-    ax.set_title("Test WER by client group: base vs clients vs aggregate")
+    ax.set_title(f"Test WER by client group, {_level(scores, settings)} bootstrap intervals: base vs clients vs "
+                 "aggregate")
     ax.legend(fontsize=8, ncol=2)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -136,19 +286,27 @@ def _aggregation_line(aggregate_json: Path) -> str:
     return f"Aggregation: `{strategy}`" + (f" with weights {shown}." if shown else ".")
 
 
-def build_report(metrics_dir: Path, clients: list[str]) -> str:
+def build_report(metrics_dir: Path, clients: list[str], settings: Optional[BootstrapSettings] = None) -> str:
     """Write report.md, report.png and wer_by_group.csv under ``metrics_dir``; return the markdown."""
+    settings = settings or BootstrapSettings()
     scores = load_scores(metrics_dir / "eval", clients)
     groups = [c for c in clients if any(s.get(f"wer_{c}") is not None for s in scores)]
-    parts = ["# fedwhisper run report", "", "Test-set WER (%) after Whisper's English normaliser, corpus-level.", ""]
-    parts += [wer_table(scores, groups), ""]
-    parts += [f"- {line}" for line in findings(scores, groups)]
+    scores = attach_predictions(scores, metrics_dir / "eval", groups, settings)
+    parts = ["# fedwhisper run report", "",
+             f"Test-set WER (%) after Whisper's English normaliser, corpus-level; pooled with its "
+             f"{_level(scores, settings)} "
+             f"bootstrap confidence interval (resampling test {settings.unit}s).", ""]
+    parts += [wer_table(scores, groups, settings), ""]
+    parts += [f"- {line}" for line in findings(scores, groups, settings)]
+    verdicts = verdict_tables(scores, groups, settings)
+    if verdicts:
+        parts += ["", *verdicts]
     agg_line = _aggregation_line(metrics_dir / "aggregate.json")
     if agg_line:
         parts += ["", agg_line]
     parts += ["", "![WER by client group](report.png)", ""]
     markdown = "\n".join(parts)
     write_plot_csv(scores, groups, metrics_dir / "wer_by_group.csv")
-    write_chart(scores, groups, metrics_dir / "report.png")
+    write_chart(scores, groups, metrics_dir / "report.png", settings)
     write_text_atomic(metrics_dir / "report.md", markdown)
     return markdown

@@ -20,7 +20,8 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from fedwhisper.decode.backends import Backend, DecodeOptions, open_backend
-from fedwhisper.decode.metrics import normalize_texts, score_corpus
+from fedwhisper.decode.metrics import normalize_texts, score_corpus, utterance_counts
+from fedwhisper.decode.significance import COUNT_COLUMNS, BootstrapSettings, counts_from_texts, interval_metrics
 from fedwhisper.decode.transcribe import transcribe_audios, transcribe_indexed
 from fedwhisper.atomic import remove_stale_siblings, write_text_atomic
 from fedwhisper.errors import DataError
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 PREDICTION_COLUMNS = (
     "id", "client", "duration_s", "reference", "hypothesis", "reference_normalized", "hypothesis_normalized",
-    "scored", "word_errors", "ref_words",
+    "scored", *COUNT_COLUMNS,
 )
 GROUP_KEYS = ("wer", "cer", "bleu", "n_samples")
 
@@ -162,8 +163,11 @@ def decode_stream(backend: Backend, spec: StreamSpec, batch_size: int, chunk_bat
 # --------------------------------------------------------------------------- scoring and outputs
 
 
-def score_predictions(pred: Predictions, normalizer: str) -> dict[str, Any]:
-    """Flat metrics: pooled scores, then ``<key>_<group>`` for every client group (each corpus-level)."""
+def score_predictions(
+    pred: Predictions, normalizer: str, bootstrap: Optional[BootstrapSettings] = None,
+) -> dict[str, Any]:
+    """Flat metrics: pooled scores, then ``<key>_<group>`` for every client group (each corpus-level); with
+    ``bootstrap``, also the WER/CER confidence intervals (``wer_ci_low``, ``wer_ci_high_<group>``, ...)."""
     pooled = score_corpus(pred.references, pred.hypotheses, normalizer)
     metrics: dict[str, Any] = {
         key: pooled[key] for key in (
@@ -179,27 +183,31 @@ def score_predictions(pred: Predictions, normalizer: str) -> dict[str, Any]:
         scores = score_corpus([pred.references[i] for i in idx], [pred.hypotheses[i] for i in idx], normalizer)
         for key in GROUP_KEYS:
             metrics[f"{key}_{group}"] = scores[key]
+    if bootstrap is not None:
+        metrics.update(interval_metrics(
+            counts_from_texts("predictions", pred.ids, pred.clients, pred.references, pred.hypotheses, normalizer),
+            bootstrap,
+        ))
     metrics["normalizer"] = normalizer
     metrics["bleu_signature"] = pooled["bleu_signature"]
     return metrics
 
 
 def prediction_rows(pred: Predictions, normalizer: str) -> Iterator[dict[str, Any]]:
-    import jiwer
-
+    """One CSV row per prediction, with the per-utterance counts that redo every corpus statistic
+    (``sum(word_errors) / sum(ref_words)`` is the WER); empty for unscored rows (empty reference)."""
     norm_refs = normalize_texts(pred.references, normalizer)
     norm_hyps = normalize_texts(pred.hypotheses, normalizer)
     for i in range(len(pred.ids)):
         scored = bool(norm_refs[i])
-        errors = ref_words = ""
+        counts: tuple = ("", "", "", "")
         if scored:
-            w = jiwer.process_words(norm_refs[i], norm_hyps[i])
-            errors, ref_words = w.substitutions + w.deletions + w.insertions, w.substitutions + w.deletions + w.hits
+            counts = utterance_counts(norm_refs[i], norm_hyps[i])
         yield {
             "id": pred.ids[i], "client": pred.clients[i], "duration_s": round(pred.durations[i], 3),
             "reference": pred.references[i], "hypothesis": pred.hypotheses[i],
             "reference_normalized": norm_refs[i], "hypothesis_normalized": norm_hyps[i],
-            "scored": scored, "word_errors": errors, "ref_words": ref_words,
+            "scored": scored, **dict(zip(COUNT_COLUMNS, counts)),
         }
 
 
@@ -239,7 +247,8 @@ def evaluate_model(
             pred = decode_prepared(backend, prepared_root, params.batch_size, desc=f"evaluate {name}")
         else:
             pred = decode_stream(backend, stream, params.batch_size)
-    metrics = {"model": name, "backend": params.backend, **score_predictions(pred, params.normalizer)}
+    bootstrap = BootstrapSettings.from_params(params.bootstrap)
+    metrics = {"model": name, "backend": params.backend, **score_predictions(pred, params.normalizer, bootstrap)}
     write_predictions_csv(out_dir / f"{name}_predictions.csv", prediction_rows(pred, params.normalizer))
     write_metrics_json(out_dir / f"{name}.json", metrics)
     log.info(

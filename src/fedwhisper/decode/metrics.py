@@ -88,3 +88,20 @@ def score_corpus(refs: Sequence[str], hyps: Sequence[str], normalizer: str = "en
         "ref_words": ref_words,
         "ref_chars": ref_chars,
     }
+
+
+def utterance_counts(ref_normalized: str, hyp_normalized: str) -> tuple[int, int, int, int]:
+    """(word errors, reference words, char errors, reference chars) of one normalised pair.
+
+    Summed over utterances they give exactly `score_corpus`'s totals (same jiwer transforms), so corpus WER is
+    ``sum(word errors) / sum(reference words)`` and resampling these counts redoes the corpus statistic.
+    """
+    if not ref_normalized:
+        raise DecodeError(
+            "utterance_counts: empty reference; only scored utterances (non-empty references) have counts"
+        )
+    w = jiwer.process_words(ref_normalized, hyp_normalized, reference_transform=_WORDS, hypothesis_transform=_WORDS)
+    c = jiwer.process_characters(ref_normalized, hyp_normalized, reference_transform=_CHARS,
+                                 hypothesis_transform=_CHARS)
+    return (w.substitutions + w.deletions + w.insertions, w.substitutions + w.deletions + w.hits,
+            c.substitutions + c.deletions + c.insertions, c.substitutions + c.deletions + c.hits)
