@@ -31,7 +31,7 @@ from fedwhisper.audio import (
 from fedwhisper.data.partition import SPLITS, assign_clients, assign_splits, client_names, resolve_split_map, subsample
 from fedwhisper.data.prepared import split_path, write_manifest, write_split
 from fedwhisper.data.sources import RawItem, Source, lookup, open_source
-from fedwhisper.errors import CheckpointError, DataError
+from fedwhisper.errors import CheckpointError, DataError, ParamsError
 from fedwhisper.params import Params
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ def run_prepare(
     ``count_tokens(text)`` gives the label length in tokens (the base model's tokenizer in the stage).
     """
     started = time.monotonic()
+    implicit_client(params)
     out_dir, metrics_dir = Path(out_dir), Path(metrics_dir)
     source = source or open_source(params.data)
     source_splits = source.split_names()
@@ -161,6 +162,23 @@ def run_prepare(
     return summary
 
 
+def implicit_client(params: Params) -> str | None:
+    """The one client every item belongs to when the data has no client column (``data.columns.client: null``
+    with ``prepare.partition.mode: column``): the single name listed under ``clients:``; else None.
+
+    One model is trained (seed 003's captioning use); the name is the user's, e.g. ``clients: [captions]``.
+    """
+    if params.prepare.partition.mode != "column" or params.data.columns.client is not None:
+        return None
+    if len(params.clients) != 1:
+        raise ParamsError(
+            f"data.columns.client is null, so all data forms one implicit client (one model), but clients: lists "
+            f"{len(params.clients)} names {params.clients}; list exactly one name, e.g. `clients: [captions]`, or "
+            "name the client column in data.columns.client, or use prepare.partition.mode iid / dirichlet"
+        )
+    return params.clients[0]
+
+
 def _read_and_filter(
     params: Params,
     source: Source,
@@ -171,6 +189,7 @@ def _read_and_filter(
     """Decode and check each item; append usable audio to an Arrow spool file (bounded memory)."""
     prep, cols = params.prepare, params.data.columns
     label_column = prep.partition.label_column or cols.client
+    implicit = implicit_client(params)
     kept: list[_Kept] = []
     drops: list[Drop] = []
     seen_ids: set[str] = set()
@@ -189,7 +208,7 @@ def _read_and_filter(
                     drops.append(result)
                     continue
                 text, audio = result
-                group = _value(lookup(item.extra, cols.client, None)) if cols.client else None
+                group = _value(lookup(item.extra, cols.client, None)) if cols.client else implicit
                 if prep.partition.mode == "column" and group is None:
                     drops.append(Drop(item.id, item.origin, "missing_client", f"no value in column {cols.client!r}"))
                     continue
