@@ -1,4 +1,5 @@
-"""`python -m fedwhisper transcribe --model DIR FILE...`: transcribe audio without references (seed 003's test.py).
+"""`python -m fedwhisper transcribe --model DIR FILE_OR_FOLDER... [--out captions.jsonl]`: batched inference over
+files and folders (seed 003's test.py), with each clip's reference caption from its sidecar where there is one.
 `python -m fedwhisper compare A_predictions.csv B_predictions.csv`: is B's WER really different from A's?"""
 
 from __future__ import annotations
@@ -112,8 +113,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("transcribe", help="print the transcript of each audio file")
     tr.add_argument("--model", required=True, help="canonical HF Whisper directory (e.g. models/aggregated)")
-    tr.add_argument("files", nargs="+", metavar="FILE")
+    tr.add_argument("files", nargs="+", metavar="FILE_OR_FOLDER",
+                    help="audio files and folders (searched recursively for audio; .txt/.json/.csv sidecars are "
+                         "skipped, also when named directly, e.g. by dir/*)")
     tr.add_argument("--json", action="store_true", help="print a JSON list of {file, duration_s, text}")
+    tr.add_argument("--out", help="also write seed 003's rows {file, pred_caption, gt_caption} to this .csv or "
+                                  ".jsonl file; gt_caption is the reference from the clip's .txt/.json sidecar "
+                                  "(empty in CSV, absent in JSONL, where there is none)")
+    tr.add_argument("--text_key", default="text", help="caption field of .json sidecars (dotted for nested)")
     tr.add_argument("--params", default="params.yaml", help="decoding settings from its `evaluate:` section")
     tr.add_argument("--skip-bad", action="store_true",
                     help="skip files that cannot be decoded or hold no usable audio (0 samples, NaN), transcribe the "
@@ -151,8 +158,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from fedwhisper.decode.settings import evaluate_params_with_overrides
 
+        from fedwhisper.audio import AUDIO_EXTENSIONS
+        from fedwhisper.decode.captions import OUTPUT_SUFFIXES, caption_rows, expand_inputs, write_captions
+        from fedwhisper.errors import DataError, ParamsError
+
         params = evaluate_params_with_overrides(args.params, vars(args))
-        results, skipped = transcribe_files(args.model, args.files, params, skip_bad=args.skip_bad)
+        if args.out and Path(args.out).suffix.lower() not in OUTPUT_SUFFIXES:
+            raise ParamsError(f"--out {args.out}: name a .csv or .jsonl file")
+        files, sidecars = expand_inputs(args.files)
+        if not files:
+            raise DataError(f"no audio files in {', '.join(args.files)} (looked for {', '.join(AUDIO_EXTENSIONS)})")
+        if sidecars:
+            print(f"transcribe: skipped {len(sidecars)} sidecar file(s) (.txt/.json/.csv)", file=sys.stderr)
+        results, skipped = transcribe_files(args.model, files, params, skip_bad=args.skip_bad)
+        if args.out:
+            rows = caption_rows(results, args.text_key)
+            write_captions(args.out, rows)
+            print(f"transcribe: wrote {len(rows)} captions ({sum('gt_caption' in r for r in rows)} with a "
+                  f"reference) to {args.out}", file=sys.stderr)
     except FedWhisperError as exc:
         print(f"transcribe: error: {exc}", file=sys.stderr)
         return 1
@@ -160,11 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results, indent=2, ensure_ascii=False))
     else:
         for r in results:
-            print(r["text"] if len(args.files) == 1 else f"{r['file']}\t{r['text']}")
+            print(r["text"] if len(files) == 1 else f"{r['file']}\t{r['text']}")
     for s in skipped:
         print(f"transcribe: skipped {s['error']}", file=sys.stderr)
     if skipped:
-        print(f"transcribe: {len(skipped)} of {len(args.files)} files skipped, {len(results)} transcribed",
+        print(f"transcribe: {len(skipped)} of {len(files)} files skipped, {len(results)} transcribed",
               file=sys.stderr)
         return 1
     return 0

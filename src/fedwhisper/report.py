@@ -44,7 +44,8 @@ class ModelScores:
 
 
 def load_scores(eval_dir: Path, clients: list[str]) -> list[ModelScores]:
-    """Scores in report order: base, the clients as listed, aggregated. Missing models are skipped."""
+    """Scores in report order: base, the clients as listed, aggregated. Missing models are skipped, and so is a
+    model recorded as ``same_model_as`` another (one client: the "aggregate" is that client's model)."""
     order = [("base", "base")] + [(c, "client") for c in clients] + [("aggregated", "aggregated")]
     scores = []
     for name, role in order:
@@ -55,6 +56,8 @@ def load_scores(eval_dir: Path, clients: list[str]) -> list[ModelScores]:
             metrics = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise FedWhisperError(f"{path}: not valid JSON ({exc}); re-run its evaluate stage") from None
+        if metrics.get("same_model_as"):
+            continue
         scores.append(ModelScores(name, role, metrics))
     if not scores:
         raise FedWhisperError(f"{eval_dir}: no evaluation metrics found; run the evaluate stages first")
@@ -169,6 +172,8 @@ def findings(scores: list[ModelScores], groups: list[str],
         else:
             relation = "is " + ("at or below" if agg.get("wer") <= best.get("wer") else "above") + " it"
         out.append(f"Best single client pooled: `{best.name}` {_fmt(best.get('wer'))}%; the aggregate {relation}.")
+    if base and not agg and len(clients) == 1:
+        out += _single_model_findings(base, clients[0], settings)
     if base and agg:
         better = [g for g in groups if (agg.get(f"wer_{g}") or 0) < (base.get(f"wer_{g}") or 0)]
         line = f"The aggregate beats the base on {len(better)} of {len(groups)} client groups"
@@ -176,6 +181,22 @@ def findings(scores: list[ModelScores], groups: list[str],
             sig = [g for g in groups if g in vs_base and vs_base[g].verdict == "better"]
             line += f"; significantly (paired bootstrap, {settings.confidence:.0%}) on {len(sig)} of them"
         out.append(line + ".")
+    return out
+
+
+def _single_model_findings(base: ModelScores, model: ModelScores, settings: BootstrapSettings) -> list[str]:
+    """One fine-tuned model against the base, pooled (its WER, BLEU and the paired verdict)."""
+    out = []
+    vs_base = compare_models(base, model, [], settings)
+    if base.get("wer") is not None and model.get("wer") is not None:
+        line = f"Pooled WER: base {_fmt(base.get('wer'))}% -> fine-tuned `{model.name}` {_fmt(model.get('wer'))}%"
+        if base.get("wer"):
+            line += f" ({model.get('wer') / base.get('wer'):.2f}x the base)"
+        if isinstance(vs_base, dict) and POOLED in vs_base:
+            line += f"; the fine-tuned model is {_relation(vs_base[POOLED], 'the base')}"
+        out.append(line + ".")
+    if base.get("bleu") is not None and model.get("bleu") is not None:
+        out.append(f"BLEU: base {_fmt(base.get('bleu'))} -> fine-tuned `{model.name}` {_fmt(model.get('bleu'))}.")
     return out
 
 
@@ -200,8 +221,8 @@ def verdict_tables(scores: list[ModelScores], groups: list[str], settings: Boots
             else:
                 cells.append(describe(res[POOLED]) if POOLED in res else "n/a")
         pooled.append(f"| {_label(s)} | " + " | ".join(cells) + " |")
-    per_group = ["| model | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]
-    for s in scores:
+    per_group = ["| model | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)] if groups else []
+    for s in scores if groups else []:
         cells = []
         for g in groups:
             parts = []
@@ -221,12 +242,10 @@ def verdict_tables(scores: list[ModelScores], groups: list[str], settings: Boots
         "two-sided p-value. A model is better or worse only when the interval excludes 0.",
         "",
         *pooled,
-        "",
-        f"Per client group (verdict vs {' / vs '.join(names[r.role] for r in refs)}; n.d. = not distinguishable "
-        f"at {level}):",
-        "",
-        *per_group,
     ]
+    if per_group:
+        out += ["", f"Per client group (verdict vs {' / vs '.join(names[r.role] for r in refs)}; n.d. = not "
+                f"distinguishable at {level}):", "", *per_group]
     notes = [f"- `{s.name}`: no paired comparison ({s.problem})." for s in scores if s.problem]
     return out + ([""] + notes if notes else [])
 
@@ -264,8 +283,9 @@ def write_chart(scores: list[ModelScores], groups: list[str], path: Path,
                yerr=errors, capsize=2, error_kw={"elinewidth": 0.8, "ecolor": "0.2"})
     ax.set_xticks(np.arange(len(cols)), cols)
     ax.set_ylabel("WER (%)")
-    ax.set_title(f"Test WER by client group, {_level(scores, settings)} bootstrap intervals: base vs clients vs "
-                 "aggregate")
+    compared = ("base vs clients vs aggregate" if any(s.role == "aggregated" for s in scores)
+                else "base vs fine-tuned")
+    ax.set_title(f"Test WER by client group, {_level(scores, settings)} bootstrap intervals: {compared}")
     ax.legend(fontsize=8, ncol=2)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -280,20 +300,55 @@ def _aggregation_line(aggregate_json: Path) -> str:
     if not aggregate_json.exists():
         return ""
     data = json.loads(aggregate_json.read_text(encoding="utf-8"))
+    if data.get("single_client"):
+        return (f"One client, one model: nothing was merged; `models/aggregated` is the model of "
+                f"`{data['single_client']}` (hard links) and is not evaluated again.")
     strategy = data.get("strategy", "?")
     weights = {k.split("/", 1)[1]: v for k, v in data.items() if k.startswith("weight/")}
     shown = ", ".join(f"{k} {v:.3f}" for k, v in weights.items())
     return f"Aggregation: `{strategy}`" + (f" with weights {shown}." if shown else ".")
 
 
+NORMALISER_NAMES = {
+    "english": "Whisper's English normaliser",
+    "basic": "Whisper's basic (multilingual) normaliser",
+    "none": "no normaliser (text as decoded)",
+}
+
+
+def _distinct(scores: list[ModelScores], key: str) -> list[str]:
+    return list(dict.fromkeys(str(s.metrics[key]) for s in scores if s.metrics.get(key) is not None))
+
+
+def scoring_phrase(scores: list[ModelScores]) -> str:
+    """``Whisper's English normaliser; decoded with language `en`, task `transcribe```, from the metrics (each
+    model's where they differ; the language is left out for metrics written before it was recorded)."""
+    normalisers = _distinct(scores, "normalizer") or ["english"]
+    phrase = " / ".join(NORMALISER_NAMES.get(n, f"the `{n}` normaliser") for n in normalisers)
+    settings = list(dict.fromkeys((s.metrics.get("language"), s.metrics.get("task")) for s in scores
+                                  if "task" in s.metrics))
+    if len(settings) == 1:
+        language, task = settings[0]
+        shown = f"`{language}`" if language else "detected per clip"
+        phrase += f"; decoded with language {shown}, task `{task}`"
+    elif settings:
+        per_model = ", ".join(f"{s.name} `{s.metrics.get('language') or 'auto'}`/`{s.metrics.get('task')}`"
+                              for s in scores if "task" in s.metrics)
+        phrase += f"; decoded with language/task {per_model}"
+    return phrase
+
+
 def build_report(metrics_dir: Path, clients: list[str], settings: Optional[BootstrapSettings] = None) -> str:
     """Write report.md, report.png and wer_by_group.csv under ``metrics_dir``; return the markdown."""
     settings = settings or BootstrapSettings()
     scores = load_scores(metrics_dir / "eval", clients)
-    groups = [c for c in clients if any(s.get(f"wer_{c}") is not None for s in scores)]
+    single = len(clients) == 1
+    # One client: its only group is the whole test set, so the per-group columns would repeat the pooled one.
+    groups = [] if single else [c for c in clients if any(s.get(f"wer_{c}") is not None for s in scores)]
     scores = attach_predictions(scores, metrics_dir / "eval", groups, settings)
-    parts = ["# fedwhisper run report", "",
-             f"Test-set WER (%) after Whisper's English normaliser, corpus-level; pooled with its "
+    title = "# fedwhisper single-model run report" if single else "# fedwhisper run report"
+    parts = [title, "",
+             f"Test-set WER (%) after {scoring_phrase(scores)}, corpus-level; pooled with its "
              f"{_level(scores, settings)} "
              f"bootstrap confidence interval (resampling test {settings.unit}s).", ""]
     parts += [wer_table(scores, groups, settings), ""]

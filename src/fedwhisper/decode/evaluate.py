@@ -26,6 +26,7 @@ from fedwhisper.decode.transcribe import transcribe_audios, transcribe_indexed
 from fedwhisper.atomic import remove_stale_siblings, write_text_atomic
 from fedwhisper.errors import DataError
 from fedwhisper.params import EvaluateParams
+from fedwhisper.single_model import same_model_as, same_model_metrics
 
 log = logging.getLogger(__name__)
 
@@ -242,13 +243,18 @@ def evaluate_model(
     """Decode (prepared test splits, or ``stream``), score, write ``<out_dir>/<name>.json`` and
     ``<out_dir>/<name>_predictions.csv``; return the metrics."""
     out_dir = Path(out_dir)
+    language, task = decoding_language_task(model_dir, params)
+    same_as = same_model_as(model_dir) if stream is None else None
+    if same_as is not None and same_as != name:
+        return _record_same_model(out_dir, name, same_as, language, task, params.backend)
     with open_eval_backend(model_dir, params) as backend:
         if stream is None:
             pred = decode_prepared(backend, prepared_root, params.batch_size, desc=f"evaluate {name}")
         else:
             pred = decode_stream(backend, stream, params.batch_size)
     bootstrap = BootstrapSettings.from_params(params.bootstrap)
-    metrics = {"model": name, "backend": params.backend, **score_predictions(pred, params.normalizer, bootstrap)}
+    metrics = {"model": name, "backend": params.backend, "language": language, "task": task,
+               **score_predictions(pred, params.normalizer, bootstrap)}
     write_predictions_csv(out_dir / f"{name}_predictions.csv", prediction_rows(pred, params.normalizer))
     write_metrics_json(out_dir / f"{name}.json", metrics)
     log.info(
@@ -256,6 +262,29 @@ def evaluate_model(
         name, _fmt(metrics["wer"]), _fmt(metrics["cer"]), _fmt(metrics["bleu"]), metrics["n_samples"],
         metrics["audio_hours"], params.backend, metrics["rtfx"] or 0.0,
     )
+    return metrics
+
+
+def decoding_language_task(model_dir: str | Path, params: EvaluateParams) -> tuple[Optional[str], str]:
+    """The language and task the model decodes with: ``evaluate.language`` / ``task`` for a multilingual model; an
+    English-only model (vocabulary under 51865, openai-whisper's rule) has no such tokens and transcribes English."""
+    try:
+        vocab_size = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))["vocab_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return params.language, params.task
+    if isinstance(vocab_size, int) and vocab_size < 51865:
+        return "en", "transcribe"
+    return params.language, params.task
+
+
+def _record_same_model(out_dir: Path, name: str, client: str, language: Optional[str], task: str,
+                       backend: str) -> dict[str, Any]:
+    """One client, nothing merged: point at the client's scores instead of decoding the same model again."""
+    metrics = same_model_metrics(name, client, language, task, backend)
+    write_predictions_csv(out_dir / f"{name}_predictions.csv", [])
+    write_metrics_json(out_dir / f"{name}.json", metrics)
+    log.info("evaluate %s: the model of client %s itself (one client, nothing merged); not decoded again; "
+             "see %s.json", name, client, client)
     return metrics
 
 

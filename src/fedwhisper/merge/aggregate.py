@@ -354,5 +354,10 @@ def run_aggregate_stage(params_path: str | Path = "params.yaml", *, checkpoints:
     params_path = Path(params_path)
     params = load_params(params_path) if params_path.exists() else Params()
     agg = with_overrides(params.aggregation, **overrides)
+    from fedwhisper.single_model import pass_through, single_client_input
+
+    single = single_client_input(replace_aggregation(params, agg), checkpoints)
+    if single is not None:  # one client, nothing to merge (seed 003's single model)
+        return pass_through(*single, out, metrics)
     return aggregate(replace_aggregation(params, agg), checkpoints=checkpoints, names=names, base_dir=base,
                      out_dir=out, metrics_path=metrics)
