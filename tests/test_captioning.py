@@ -70,3 +70,112 @@ def test_no_client_column_with_several_clients_listed_says_list_one(tmp_path):
     with pytest.raises(ParamsError, match=r"data.columns.client is null.*lists 2 names.*`clients: \[captions\]`"):
         run_prepare(caption_params(root, clients=("a", "b")), count_words, tmp_path / "p", tmp_path / "m")
     assert not (tmp_path / "p").exists()
+
+
+def _stage(name: str):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "stages" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def test_translate_labels_on_a_multilingual_base(tiny_random_multilingual_dir):
+    from transformers import WhisperTokenizerFast
+
+    from fedwhisper.train.collator import label_ids, label_prefix
+
+    tok = WhisperTokenizerFast.from_pretrained(str(tiny_random_multilingual_dir))
+    prefix = label_prefix(tok, True, "en", "translate")
+    ids = label_ids(tok, "a dog barks", prefix, tok.convert_tokens_to_ids("<|endoftext|>"))
+    assert tok.convert_ids_to_tokens(ids[:4]) == ["<|startoftranscript|>", "<|en|>", "<|translate|>",
+                                                  "<|notimestamps|>"]
+    assert tok.decode(ids[4:-1]) == " a dog barks"
+
+
+def test_seed_003_flow_prepare_train_one_model_and_caption_a_folder(tiny_random_multilingual_dir, tmp_path,
+                                                                    monkeypatch, capsys):
+    """A folder of clips with JSON/TXT captions and no client column: prepare -> one fine-tuned model (translate
+    task, multilingual base) -> aggregate passes it through -> evaluation -> single-model report -> batched
+    captions of a folder with {file, pred_caption, gt_caption}."""
+    import yaml
+
+    from fedwhisper.__main__ import main as cli
+
+    monkeypatch.chdir(tmp_path)
+    caption_folder(tmp_path / "clips", {"train": 6, "validation": 2, "test": 3})
+    (tmp_path / "clips" / "test" / "unlabelled.wav").write_bytes((tmp_path / "clips" / "test" / "test_00.wav")
+                                                                 .read_bytes())
+    params = {
+        "data": {"path": "clips", "columns": {"client": None}},
+        "base": {"source": str(tiny_random_multilingual_dir)},
+        "clients": ["captions"],
+        "finetune": {"max_steps": 2, "batch_size": 2, "eval_max_items": 2, "save_steps": 1, "language": "en",
+                     "task": "translate"},
+        "evaluate": {"backend": "transformers", "language": "en", "task": "translate", "max_new_tokens": 6,
+                     "normalizer": "basic", "batch_size": 4},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    assert _stage("base")([]) == 0
+    assert _stage("prepare")([]) == 0
+    prepared = json.loads((tmp_path / "metrics" / "prepare.json").read_text())
+    assert (prepared["items/captions/train"], prepared["items/captions/validation"],
+            prepared["items/captions/test"]) == (6, 2, 3)
+    assert prepared["drops/missing_transcript"] == 1  # the unlabelled clip
+    assert _stage("finetune")(["--client", "captions"]) == 0
+    model = tmp_path / "models" / "clients" / "captions"
+    assert (model / "model.safetensors").is_file()
+
+    assert _stage("aggregate")([]) == 0
+    aggregated = tmp_path / "models" / "aggregated"
+    assert json.loads((aggregated / "single_client.json").read_text())["client"] == "captions"
+    assert (aggregated / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
+    assert json.loads((tmp_path / "metrics" / "aggregate.json").read_text())["single_client"] == "captions"
+
+    evaluate = _stage("evaluate")
+    for path, name in (("models/base", "base"), ("models/clients/captions", "captions"),
+                       ("models/aggregated", "aggregated")):
+        assert evaluate(["--model", path, "--name", name]) == 0
+    ft = json.loads((tmp_path / "metrics" / "eval" / "captions.json").read_text())
+    assert (ft["language"], ft["task"], ft["normalizer"], ft["n_samples"]) == ("en", "translate", "basic", 3)
+    agg = json.loads((tmp_path / "metrics" / "eval" / "aggregated.json").read_text())
+    assert agg["same_model_as"] == "captions" and "wer" not in agg  # not decoded a second time
+
+    assert _stage("report")([]) == 0
+    report = (tmp_path / "metrics" / "report.md").read_text()
+    assert report.startswith("# fedwhisper single-model run report")
+    assert "Whisper's basic (multilingual) normaliser; decoded with language `en`, task `translate`" in report
+    assert "| client `captions` |" in report and "aggregated**" not in report
+    assert "- Pooled WER: base " in report and "-> fine-tuned `captions` " in report
+    assert "nothing was merged; `models/aggregated` is the model of `captions`" in report
+
+    # evaluation straight from the folder's own validation/ split (the project's local layout, no HF dataset)
+    assert evaluate(["--model", "models/clients/captions", "--dataset_name", "clips", "--split", "validation",
+                     "--name", "val"]) == 0
+    with (tmp_path / "metrics" / "eval" / "val_predictions.csv").open(newline="") as f:
+        import csv
+
+        refs = [r["reference"] for r in csv.DictReader(f)]
+    assert sorted(refs) == ["a tone at 440 hertz", "a tone at 460 hertz"]
+
+    capsys.readouterr()
+    rc = cli(["transcribe", "--model", "models/clients/captions", "clips/test", "--out", "captions.jsonl"])
+    assert rc == 0
+    rows = [json.loads(line) for line in (tmp_path / "captions.jsonl").read_text().splitlines()]
+    assert [Path(r["file"]).name for r in rows] == ["test_00.wav", "test_01.wav", "test_02.wav", "unlabelled.wav"]
+    assert [r.get("gt_caption") for r in rows] == ["a tone at 440 hertz", "a tone at 460 hertz",
+                                                   "a tone at 480 hertz", None]
+    assert all(isinstance(r["pred_caption"], str) for r in rows)
+    assert "skipped 3 sidecar file(s)" in capsys.readouterr().err
+    # dir/* names the sidecars too: they are skipped, not decoded; CSV has an empty gt_caption where unknown
+    files = sorted(str(p) for p in (tmp_path / "clips" / "test").iterdir())
+    assert cli(["transcribe", "--model", "models/clients/captions", *files, "--out", "captions.csv"]) == 0
+    import csv
+
+    with (tmp_path / "captions.csv").open(newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [r["gt_caption"] for r in table] == ["a tone at 440 hertz", "a tone at 460 hertz",
+                                                "a tone at 480 hertz", ""]
+    assert [r["pred_caption"] for r in table] == [r["pred_caption"] for r in rows]

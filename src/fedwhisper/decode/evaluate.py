@@ -116,13 +116,16 @@ def _stream_rows(spec: StreamSpec) -> Iterator[tuple[str, str, str, np.ndarray]]
 
     columns = ColumnsParams(audio=spec.audio_column, text=spec.text_column, id=spec.id_column,
                             client=spec.group_column)
-    data = DataParams(source="hf", path=spec.dataset, hf_config=spec.config, columns=columns)
-    source = HFHubSource(spec.dataset, data, spec.max_items)
-    if spec.split not in source.split_names():
+    if is_local_layout(spec.dataset):
+        source, split = _local_split(spec, columns)
+    else:
+        data = DataParams(source="hf", path=spec.dataset, hf_config=spec.config, columns=columns)
+        source, split = HFHubSource(spec.dataset, data, spec.max_items), spec.split
+    if split not in source.split_names():
         raise DataError(
             f"--split: dataset {spec.dataset!r} has no split {spec.split!r} (splits: {', '.join(source.split_names())})"
         )
-    for item in source.iter_split(spec.split):
+    for item in source.iter_split(split):
         if item.drop_reason:
             raise DataError(f"{item.origin}: {item.problem}")
         if item.audio is None:
@@ -134,6 +137,35 @@ def _stream_rows(spec: StreamSpec) -> Iterator[tuple[str, str, str, np.ndarray]]
         text = item.text.decode("utf-8", "replace") if isinstance(item.text, bytes) else (item.text or "")
         group = lookup(item.extra, spec.group_column, "all") if spec.group_column else "all"
         yield item.id, str(group), text, audio
+
+
+def is_local_layout(dataset: str) -> bool:
+    """Whether ``dataset`` is a folder in the project's own layout (seed 003's): audio files with ``.txt``/``.json``
+    sidecars or a ``metadata.csv``, in split subfolders or not, rather than an HF dataset folder."""
+    from fedwhisper.audio import AUDIO_EXTENSIONS
+
+    root = Path(dataset)
+    if not root.is_dir() or any((root / f).is_file() for f in ("dataset_dict.json", "dataset_info.json")):
+        return False
+    return any(p.suffix.lower() in AUDIO_EXTENSIONS for p in root.rglob("*") if p.is_file())
+
+
+def _local_split(spec: StreamSpec, columns) -> tuple[Any, str]:
+    """The local folder's split folder for ``spec.split`` (``validation`` also finds ``valid``/``val``/``dev``, as
+    prepare does); a folder without split subfolders is one split, used whatever ``--split`` says."""
+    from fedwhisper.data.partition import SPLIT_ALIASES
+    from fedwhisper.data.sources import LocalFolderSource
+    from fedwhisper.params import DataParams
+
+    data = DataParams(source="local", path=spec.dataset, columns=columns)
+    source = LocalFolderSource(Path(spec.dataset), data, spec.max_items)
+    names = source.split_names()
+    if names == [""]:
+        log.info("evaluate: %s has no split folders; evaluating all of it as %r", spec.dataset, spec.split)
+        return source, ""
+    aliases = SPLIT_ALIASES.get(spec.split, (spec.split,))
+    match = next((n for n in names if n == spec.split), None) or next((n for n in names if n.lower() in aliases), None)
+    return source, match or spec.split
 
 
 def decode_stream(backend: Backend, spec: StreamSpec, batch_size: int, chunk_batches: int = 8) -> Predictions:
