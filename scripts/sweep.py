@@ -44,6 +44,38 @@ def experiments() -> dict[str, list[str]]:
     return runs
 
 
+def applicable(runs: dict[str, list[str]], n_clients: int) -> tuple[dict[str, list[str]], list[str]]:
+    """The experiments that can run with ``n_clients`` clients, and one note per group skipped: the seed's presets
+    weight exactly four clients, Krum and Multi-Krum (f = 0, m = 2) need three, and one client has nothing to merge."""
+    if n_clients == 1:
+        return {}, [f"one client (a single model): nothing to merge; skipped all {len(runs)} experiments"]
+    kept, presets, krums = {}, [], []
+    for name, overrides in runs.items():
+        preset = next((o.split("=", 1)[1] for o in overrides if o.startswith("aggregation.preset=")), None)
+        strategy = next((o.split("=", 1)[1] for o in overrides if o.startswith("aggregation.strategy=")), None)
+        if preset in PRESETS and len(PRESETS[preset]) != n_clients:
+            presets.append(name)
+        elif strategy in ("krum", "multi_krum") and n_clients < 3:
+            krums.append(name)
+        else:
+            kept[name] = overrides
+    notes = []
+    if presets:
+        notes.append(f"skipped the {len(presets)} preset experiments: the seed's presets weight 4 clients and "
+                     f"clients: lists {n_clients}; set aggregation.weights for your own weighting")
+    if krums:
+        notes.append(f"skipped {', '.join(n[len(PREFIX):] for n in krums)}: with f = 0 they need at least 3 clients "
+                     f"(clients: lists {n_clients})")
+    return kept, notes
+
+
+def client_count(params_path: Path = Path("params.yaml")) -> int | None:
+    """``len(clients)`` in the workspace's params file; None without one."""
+    from fedwhisper.params import load_params
+
+    return len(load_params(params_path).clients) if params_path.is_file() else None
+
+
 def settings(name: str) -> str:
     """The overrides of a sweep experiment, for the table (``-`` for none beyond the strategy)."""
     overrides = experiments().get(PREFIX + name, [])
@@ -304,6 +336,14 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"--only: unknown experiment(s) {unknown}; known: {sorted(n[len(PREFIX):] for n in runs)}")
         runs = {PREFIX + n: runs[PREFIX + n] for n in args.only}
+    n_clients = client_count()
+    if n_clients is not None:
+        runs, notes = applicable(runs, n_clients)
+        for note in notes:
+            print(f"sweep: {note}", flush=True)
+        if not runs and not args.collect:
+            print("sweep: nothing to run", flush=True)
+            return 0
     if not args.collect:
         stale = remove_previous(runs)
         if stale:

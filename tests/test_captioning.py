@@ -179,3 +179,26 @@ def test_seed_003_flow_prepare_train_one_model_and_caption_a_folder(tiny_random_
     assert [r["gt_caption"] for r in table] == ["a tone at 440 hertz", "a tone at 460 hertz",
                                                 "a tone at 480 hertz", ""]
     assert [r["pred_caption"] for r in table] == [r["pred_caption"] for r in rows]
+
+
+def test_sweep_skips_four_client_presets_and_everything_for_one_client(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sweep", Path(__file__).resolve().parents[1] / "scripts" / "sweep.py")
+    sweep = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sweep)
+    runs = sweep.experiments()
+    four, notes = sweep.applicable(runs, 4)
+    assert four == runs and notes == []
+    three, notes = sweep.applicable(runs, 3)
+    assert not any("aggregation.preset=" in o for overrides in three.values() for o in overrides)
+    assert "sweep-krum" in three and len(runs) - len(three) == len(sweep.PRESETS)
+    assert notes == [f"skipped the {len(sweep.PRESETS)} preset experiments: the seed's presets weight 4 clients and "
+                     "clients: lists 3; set aggregation.weights for your own weighting"]
+    two, notes = sweep.applicable(runs, 2)
+    assert "sweep-krum" not in two and "sweep-multi-krum" not in two and "sweep-ties" in two
+    assert notes[1].startswith("skipped krum, multi-krum: with f = 0 they need at least 3 clients")
+    one, notes = sweep.applicable(runs, 1)
+    assert one == {} and "nothing to merge" in notes[0]
+    (tmp_path / "params.yaml").write_text("clients: [captions]\n")
+    assert sweep.client_count(tmp_path / "params.yaml") == 1
