@@ -202,3 +202,43 @@ def test_sweep_skips_four_client_presets_and_everything_for_one_client(tmp_path)
     assert one == {} and "nothing to merge" in notes[0]
     (tmp_path / "params.yaml").write_text("clients: [captions]\n")
     assert sweep.client_count(tmp_path / "params.yaml") == 1
+
+
+def test_one_client_passes_through_only_where_merging_one_model_is_the_identity(tiny_random_dir, tmp_path,
+                                                                                 monkeypatch):
+    import shutil
+
+    from fedwhisper.merge import run_aggregate_stage
+    from fedwhisper.single_model import MARKER
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_random_dir, tmp_path / "models" / "clients" / "solo")
+    shutil.copytree(tiny_random_dir, tmp_path / "models" / "base")
+    (tmp_path / "params.yaml").write_text("clients: [solo]\n")
+    m = run_aggregate_stage("params.yaml")
+    assert m["single_client"] == "solo" and (tmp_path / "models" / "aggregated" / MARKER).is_file()
+    src, dst = (tmp_path / "models" / p / "model.safetensors" for p in ("clients/solo", "aggregated"))
+    assert src.stat().st_ino == dst.stat().st_ino  # a hard link: no copy of the weights
+    # ties with density 0.5 changes even one model: it is merged as before, with no mark
+    (tmp_path / "params.yaml").write_text("clients: [solo]\naggregation: {strategy: ties, density: 0.5}\n")
+    m = run_aggregate_stage("params.yaml")
+    assert "single_client" not in m and not (tmp_path / "models" / "aggregated" / MARKER).exists()
+
+
+def test_report_names_the_normaliser_language_and_task_used(tmp_path):
+    from fedwhisper.decode.evaluate import Predictions, prediction_rows, score_predictions, write_predictions_csv
+    from fedwhisper.report import build_report
+
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    refs = [f"satz nummer {i} über straße" for i in range(10)]
+    for name, hyps in (("base", [r.replace("über", "uber") for r in refs]), ("a", refs), ("aggregated", refs)):
+        pred = Predictions([f"u{i}" for i in range(10)], ["a"] * 5 + ["b"] * 5, [1.0] * 10, refs, hyps, 10.0, 1.0)
+        metrics = {"model": name, "language": "de", "task": "transcribe", **score_predictions(pred, "basic")}
+        (eval_dir / f"{name}.json").write_text(json.dumps(metrics))
+        write_predictions_csv(eval_dir / f"{name}_predictions.csv", prediction_rows(pred, "basic"))
+    markdown = build_report(tmp_path, ["a", "b"])
+    assert markdown.startswith("# fedwhisper run report\n")
+    assert ("Test-set WER (%) after Whisper's basic (multilingual) normaliser; decoded with language `de`, task "
+            "`transcribe`, corpus-level") in markdown
+    assert "English normaliser" not in markdown
