@@ -65,6 +65,17 @@ def test_validation_folder_is_used_and_test_carved_from_train_when_absent(tmp_pa
     assert (m["items/captions/train"], m["items/captions/validation"], m["items/captions/test"]) == (6, 3, 2)
 
 
+def test_long_clips_are_dropped_counted_and_warned_about(tmp_path, caplog):
+    root = caption_folder(tmp_path / "clips", {"train": 8})
+    write_captioned(root / "train", "lecture", "a long talk", seconds=31.0)
+    with caplog.at_level("WARNING"):
+        summary = run_prepare(caption_params(root), count_words, tmp_path / "prepared", tmp_path / "metrics")
+    assert summary.drops["too_long"] == 1 and summary.kept == 8
+    assert "dropped 1 clip(s) longer than prepare.max_duration_s 30 s" in caplog.text
+    drops = (tmp_path / "metrics" / "prepare_drops.csv").read_text()
+    assert "train/lecture" in drops and "31.00 s > prepare.max_duration_s 30.0" in drops
+
+
 def test_no_client_column_with_several_clients_listed_says_list_one(tmp_path):
     root = caption_folder(tmp_path / "clips", {"train": 4})
     with pytest.raises(ParamsError, match=r"data.columns.client is null.*lists 2 names.*`clients: \[captions\]`"):
@@ -95,6 +106,7 @@ def test_translate_labels_on_a_multilingual_base(tiny_random_multilingual_dir):
     assert tok.decode(ids[4:-1]) == " a dog barks"
 
 
+@pytest.mark.slow
 def test_seed_003_flow_prepare_train_one_model_and_caption_a_folder(tiny_random_multilingual_dir, tmp_path,
                                                                     monkeypatch, capsys):
     """A folder of clips with JSON/TXT captions and no client column: prepare -> one fine-tuned model (translate

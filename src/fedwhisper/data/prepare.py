@@ -131,6 +131,12 @@ def run_prepare(
         kept, drops, seen = _read_and_filter(params, source, to_read, count_tokens, tmp / "_pool.arrow")
         _write_drops_csv(metrics_dir / DROPS_CSV, drops)
         counts_by_reason = Counter(d.reason for d in drops)
+        if counts_by_reason["too_long"]:
+            log.warning(
+                "prepare: dropped %d clip(s) longer than prepare.max_duration_s %.0f s (too_long; Whisper trains on "
+                "30 s windows and long clips are not split); cut them into shorter captioned segments to use them; "
+                "listed in %s", counts_by_reason["too_long"], params.prepare.max_duration_s, metrics_dir / DROPS_CSV,
+            )
         drop_fraction = len(drops) / seen if seen else 0.0
         if seen == 0:
             raise DataError(f"data.path: {params.data.path} ({params.data.source}) yielded no items; check the path")
