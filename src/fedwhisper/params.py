@@ -36,7 +36,10 @@ class ColumnsParams:
     audio: str = p("audio", "Audio column (dotted for nested, e.g. `flac`); local folders: the audio file.")
     text: str = p("text", "Transcript column, dotted for nested fields such as `json.text`.")
     id: Optional[str] = p(None, "Item id column; null = file path (local) or running index (hub).")
-    client: Optional[str] = p("accent", "Column naming each item's client group (accent, dialect, ...).")
+    client: Optional[str] = p(
+        "accent", "Column naming each item's client group (accent, dialect, ...); null = no such column: all items "
+        "form one client, the single name in `clients` (one model, seed 003)."
+    )
 
 
 @dataclass(frozen=True)
