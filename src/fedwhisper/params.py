@@ -344,8 +344,54 @@ def params_from_dict(data: Any) -> Params:
     return params
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml. Fails before any work starts."""
+# The params sections each stage script reads (stages/<name>.py), also listed as that stage's `params:` in dvc.yaml
+# (tests/test_dvc_deps.py compares the two). ``load_params(..., stage=name)`` hands the stage only these sections:
+# touching any other one raises, so a stage that starts reading a new section fails until both places say so.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "base": ("base",),
+    "prepare": ("data", "prepare", "clients"),
+    "finetune": ("finetune",),
+    "aggregate": ("aggregation", "clients"),
+    "evaluate": ("evaluate",),
+    "report": ("clients",),
+}
+
+
+class UndeclaredSection:
+    """Stands in for a params section that a stage did not declare; any use of it raises ParamsError."""
+
+    def __init__(self, section: str, stage: str):
+        object.__setattr__(self, "_where", (section, stage))
+
+    def _refuse(self, *_: Any, **__: Any) -> Any:
+        section, stage = object.__getattribute__(self, "_where")
+        raise ParamsError(
+            f"internal: stage '{stage}' read params section '{section}', which it does not declare; add it to "
+            f"params.STAGE_SECTIONS['{stage}'] and to the stage's params in dvc.yaml"
+        )
+
+    __getattr__ = __iter__ = __len__ = __bool__ = __getitem__ = __contains__ = __eq__ = _refuse
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        section, stage = object.__getattribute__(self, "_where")
+        return f"<params section {section!r}: not declared for stage {stage!r}>"
+
+
+def for_stage(params: Params, stage: str) -> Params:
+    """``params`` with every section that ``STAGE_SECTIONS[stage]`` does not name replaced by a stand-in that raises."""
+    if stage not in STAGE_SECTIONS:
+        raise ParamsError(f"internal: unknown stage {stage!r}; add it to params.STAGE_SECTIONS")
+    keep = STAGE_SECTIONS[stage]
+    return dataclasses.replace(params, **{f.name: UndeclaredSection(f.name, stage)
+                                          for f in dataclasses.fields(Params) if f.name not in keep})
+
+
+def load_params(path: str | Path = "params.yaml", *, stage: str | None = None) -> Params:
+    """Read and validate params.yaml (every section, whatever ``stage`` reads). Fails before any work starts.
+
+    With ``stage``, only the sections ``STAGE_SECTIONS[stage]`` names can be used (see ``for_stage``).
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -356,9 +402,10 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
     try:
-        return params_from_dict(data)
+        params = params_from_dict(data)
     except ParamsError as exc:
         raise ParamsError(f"{path}: {exc}") from None
+    return params if stage is None else for_stage(params, stage)
 
 
 def iter_docs(cls: type = Params, prefix: str = "") -> typing.Iterator[tuple[str, str, Any, str]]:

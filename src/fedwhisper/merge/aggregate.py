@@ -352,7 +352,7 @@ def run_aggregate_stage(params_path: str | Path = "params.yaml", *, checkpoints:
     from fedwhisper.params import load_params
 
     params_path = Path(params_path)
-    params = load_params(params_path) if params_path.exists() else Params()
+    params = load_params(params_path, stage="aggregate") if params_path.exists() else Params()
     agg = with_overrides(params.aggregation, **overrides)
     return aggregate(replace_aggregation(params, agg), checkpoints=checkpoints, names=names, base_dir=base,
                      out_dir=out, metrics_path=metrics)
