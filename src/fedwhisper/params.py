@@ -142,10 +142,9 @@ class ScreeningParams:
 
 @dataclass(frozen=True)
 class AggregationParams:
-    strategy: Literal[
-        "mean", "uniform", "fedavg", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-        "median", "trimmed_mean", "krum", "multi_krum",
-    ] = p("mean", "Merge strategy. `mean` uses `weights` (or `preset`), else uniform.")
+    strategy: str = p(
+        "mean", "Merge strategy, a name registered in `merge/strategies.py` (table under Merge strategies; "
+        "checked by the aggregate stage). `mean` uses `weights` (or `preset`), else uniform; `uniform` refuses them.")
     preset: Optional[str] = p(None, "One of the seed's ten named weightings (see README); excludes `weights`.")
     weights: Optional[list[float]] = p(None, "Non-negative per-client weights, normalised; null = uniform.")
     source: str = p(
@@ -271,6 +270,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ParamsError(f"{path}: got {value!r}; expected a number")
         if math.isnan(value):
             raise ParamsError(f"{path}: got NaN; expected a number")
+        if math.isinf(value) or (isinstance(value, int) and not math.isfinite(float(value))):
+            raise ParamsError(f"{path}: got {value!r}; expected a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -319,6 +320,9 @@ def _build(cls: type, data: Any, path: str) -> Any:
     return cls(**kwargs)
 
 
+RESERVED_CLIENT_NAMES = ("base", "aggregated")
+
+
 def _check_cross(params: Params) -> None:
     agg = params.aggregation
     if agg.preset is not None and agg.weights is not None:
@@ -335,6 +339,9 @@ def _check_cross(params: Params) -> None:
     for name in params.clients:
         if not name or "/" in name or name in {".", ".."}:
             raise ParamsError(f"clients: {name!r} is not usable as a directory name")
+        if name in RESERVED_CLIENT_NAMES:
+            raise ParamsError(f"clients: {name!r} is reserved (the {name} model's input hash and metrics/eval/"
+                              f"{name}.json); rename that client")
 
 
 def params_from_dict(data: Any) -> Params:
@@ -342,6 +349,30 @@ def params_from_dict(data: Any) -> Params:
     params = _build(Params, data, "")
     _check_cross(params)
     return params
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:  # unhashable key: the base class reports it
+                continue
+            if first != line:
+                raise DuplicateKeyError(f"duplicate key {key!r} on line {line} (first on line {first}); "
+                                        "keep one of them")
+        return super().construct_mapping(node, deep=deep)
 
 
 # The params sections each stage script reads (stages/<name>.py), also listed as that stage's `params:` in dvc.yaml
@@ -398,9 +429,11 @@ def load_params(path: str | Path = "params.yaml", *, stage: str | None = None) -
     except OSError as exc:
         raise ParamsError(f"{path}: cannot read params file ({exc.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except DuplicateKeyError as exc:
+        raise ParamsError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     try:
         params = params_from_dict(data)
     except ParamsError as exc:
