@@ -285,3 +285,37 @@ def test_external_source_logs_other_skipped_entries(tmp_path, tiny_random_dir, b
         m = run_aggregate_stage("params.yaml")
     assert m["n_inputs"] == 2
     assert "skipped in checkpoints: README.txt (not a checkpoint); empty/ (no model.safetensors" in caplog.text
+
+
+def _dvc(cwd, *args, ok=True):
+    dvc = Path(sys.executable).parent / "dvc"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(ROOT / "src"), "DVC_NO_ANALYTICS": "1"}
+    proc = subprocess.run([str(dvc), *args], cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+    assert (proc.returncode == 0) == ok, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def test_failed_dvc_exp_run_keeps_the_merged_model_and_metrics(tmp_path, tiny_random_dir, base_state):
+    """DVC deletes a stage's outputs before its command runs, unless they persist (dvc.yaml)."""
+    proj = project(tmp_path, tiny_random_dir, {"source": "checkpoints"}, clients=())
+    shutil.copyfile(ROOT / "dvc.yaml", proj / "dvc.yaml")
+    shutil.copytree(ROOT / "stages", proj / "stages")
+    shutil.copytree(ROOT / "src" / "fedwhisper", proj / "src" / "fedwhisper",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (proj / "checkpoints").mkdir()
+    for i, name in enumerate("abcd"):
+        save_file(client_state(base_state, i), str(proj / "checkpoints" / f"{name}.safetensors"),
+                  metadata={"format": "pt"})
+    subprocess.run(["git", "init", "-q"], cwd=proj, check=True)
+    _dvc(proj, "init", "-q")
+    _dvc(proj, "add", "-q", "checkpoints")
+    _dvc(proj, "commit", "-f", "-q", "base")  # models/base stands in for the base stage's output
+    _dvc(proj, "repro", "-s", "aggregate")
+    subprocess.run(["git", "add", "-A"], cwd=proj, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run"], cwd=proj, check=True)
+    os.chdir(proj)
+    before = snapshot()
+    out = _dvc(proj, "exp", "run", "-s", "aggregate", "-S", "aggregation.weights=[0.4,0.3,0.2]", ok=False)
+    assert "aggregation.weights: got 3 weights for 4 clients" in out
+    assert snapshot() == before
