@@ -130,7 +130,7 @@ def test_out_equal_to_the_base_or_an_input_is_refused(four, tiny_random_dir):
 def test_out_naming_an_existing_file_is_refused(four):
     four()
     Path("notes.txt").write_text("keep me")
-    with pytest.raises(MergeError, match="--out notes.txt exists and is not a directory"):
+    with pytest.raises(MergeError, match="--out notes.txt exists and is not a directory; it would be replaced"):
         run_aggregate_stage("params.yaml", out="notes.txt")
     assert Path("notes.txt").read_text() == "keep me"
 

@@ -360,8 +360,9 @@ def check_output_paths(out: Path, metrics: Path | None, base: Path | None, input
             raise MergeError(f"--out {out} is {role} ({p}) or overlaps it; the merge would replace it. "
                              "Choose another output directory")
     if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise MergeError(f"--out {out} exists and is not a directory; it would be deleted. Remove it or choose "
-                         "another output directory")
+        kind = "a symlink" if out.is_symlink() else "not a directory"
+        raise MergeError(f"--out {out} exists and is {kind}; it would be replaced. Remove it or choose another "
+                         "output directory")
     for d in (out, out.parent):
         if d.is_dir() and not d.stat().st_mode & 0o222:
             raise MergeError(f"{d}: read-only directory; make it writable (chmod u+w) or choose another --out")
@@ -482,7 +483,12 @@ def aggregate(params: Params, *, checkpoints: Sequence[str] | None = None, names
                 raise OSError(exc.errno, exc.strerror, str(metrics_tmp)) from None
         _swap_outputs(tmp, out, metrics_tmp, metrics_file)
     except OSError as exc:
-        where = exc.filename or out
+        where = Path(exc.filename) if exc.filename else tmp
+        writing = any(where == p or p in where.parents for p in (tmp, out, out.parent / out.name)) or (
+            metrics_file is not None and where.name.startswith(metrics_file.name))
+        if not writing:
+            raise CheckpointError(f"{where}: cannot read ({exc.strerror or exc}); re-copy it or fix its "
+                                  "permissions") from None
         raise MergeError(f"{where}: cannot write the merged model or its metrics ({exc.strerror or exc}); the "
                          f"previous {out} is untouched. Free space / fix permissions and re-run") from None
     finally:
