@@ -343,9 +343,10 @@ def refuse_duplicate_inputs(names: Sequence[str], readers: Sequence[CheckpointRe
     for i, r in enumerate(readers):
         fp = _fingerprint(r)
         j = seen.get(fp)
-        if j is not None and readers[j].sha256() == r.sha256():
-            raise MergeError(f"clients {names[j]!r} ({readers[j].path}) and {names[i]!r} ({r.path}) are the same "
-                             "file; merging both would double its weight. Remove one, or give it weight 0")
+        if j is not None and (digest := readers[j].sha256()) == r.sha256():
+            raise MergeError(f"clients {names[j]!r} and {names[i]!r} are the same file (sha256 {digest[:12]}...: "
+                             f"{readers[j].path} and {r.path}); merging both would double its weight. Remove one, "
+                             "or give it weight 0")
         seen.setdefault(fp, i)
 
 
