@@ -54,22 +54,27 @@ ARCHITECTURES: dict[str, dict[str, int]] = {
 
 
 def unpickling_error(path: Path, exc: Exception) -> CheckpointError:
-    """The error for a PyTorch pickle that ``torch.load(weights_only=True)`` did not load.
+    """The error for a PyTorch file that ``torch.load(weights_only=True)`` did not load.
 
-    A pickle that names code (``GLOBAL module.name``) holds more than tensors and is refused as such; torch's own hint
-    to retry with ``weights_only=False`` is never passed on.
+    A pickle the weights-only unpickler stops on is refused as holding more than tensors: code it names (``GLOBAL
+    module.name``), or opcodes a plain ``torch.save`` of tensors does not write. torch's own hint to retry with
+    ``weights_only=False`` is never passed on.
     """
     text = str(exc)
+    ask = "Nothing was executed. Ask its author for a safetensors file or a plain state dict saved with " \
+          "torch.save(model.state_dict())"
     blocked = re.search(r"GLOBAL (\S+)", text)
     if blocked:
-        return CheckpointError(
-            f"{path}: refused to load: the pickle references code or objects beyond plain tensors "
-            f"({blocked.group(1)}). Nothing was executed. Ask its author for a safetensors file or a plain state dict "
-            "saved with torch.save(model.state_dict())"
-        )
-    unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    detail = unpickler.group(1).strip() if unpickler else (text.strip().splitlines() or [type(exc).__name__])[0]
-    return CheckpointError(f"{path}: unreadable or truncated checkpoint ({detail}); re-copy or re-export it")
+        return CheckpointError(f"{path}: refused to load: the pickle references code or objects beyond plain tensors "
+                               f"({blocked.group(1)}). {ask}")
+    if isinstance(exc, pickle.UnpicklingError):
+        unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        detail = unpickler.group(1).strip() if unpickler else "weights-only unpickling failed"
+        return CheckpointError(f"{path}: not a readable PyTorch checkpoint of plain tensors; refused to load "
+                               f"({detail}). {ask}")
+    first = text.strip().splitlines()
+    return CheckpointError(f"{path}: unreadable or truncated checkpoint ({first[0] if first else type(exc).__name__}); "
+                           "re-copy or re-export it")
 
 
 def _compressed_zip_members(path: Path) -> list[str]:
