@@ -360,3 +360,28 @@ def test_wandb_is_optional(monkeypatch):
     assert report_to(True) == ["wandb"]
     monkeypatch.delenv("WANDB_API_KEY")
     assert report_to(True) == []  # installed but no key
+
+
+def test_lower_encoder_cache_trains_to_the_same_weights(tmp_path, tiny_random_dir, prepared):
+    """freeze_encoder_layers=1 through the Trainer: cached lower layers + EncoderTop train like the whole encoder."""
+    from fedwhisper.data.prepared import load_split
+    from fedwhisper.train.model_setup import load_base
+    from fedwhisper.train.trainer import build_trainer
+
+    ft = FinetuneParams(**{**FAST, "max_steps": 2, "freeze_encoder": False, "freeze_encoder_layers": 1})
+    train = load_split(prepared, CLIENT, "train")
+    runs = []
+    for cache in (True, False):
+        model, tok, ml = load_base(tiny_random_dir)
+        trainer = build_trainer(ft, model, tok, ml, train, None, tmp_path / str(cache), cache_encoder=cache)
+        assert (trainer.data_collator.encoder_cache is not None) == cache
+        trainer.train()
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        runs.append((losses, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+    (cached_losses, cached), (plain_losses, plain) = runs
+    assert len(cached_losses) == 2 and cached_losses == pytest.approx(plain_losses, rel=1e-6)
+    base = read_state_dict(tiny_random_dir)
+    upper = [k for k in base if k.startswith("model.encoder.layers.1.")]
+    assert all(not torch.equal(cached[k], base[k]) for k in upper)  # the layer above the cache trained
+    for name in plain:
+        torch.testing.assert_close(cached[name], plain[name], rtol=0, atol=1e-6, msg=name)
