@@ -127,7 +127,10 @@ def import_hf(source: str, out: Path) -> Path:
     from transformers import GenerationConfig, WhisperForConditionalGeneration, WhisperProcessor
 
     try:
-        model = WhisperForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
+        if Path(source).is_dir():  # shards checked to stay inside it; a pickle holding code is refused
+            model = hf.load_whisper_model(source, dtype=torch.float32)
+        else:
+            model = WhisperForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         where = "local directory" if Path(source).is_dir() else "hub id (no such local directory)"
         raise CheckpointError(
