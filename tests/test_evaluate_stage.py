@@ -116,7 +116,8 @@ def _write_parquet_dataset(folder: Path, items: list[dict]) -> None:
     pq.write_table(table, folder / "data" / "test-00000-of-00001.parquet")
 
 
-def test_streaming_evaluation_from_dataset_directory(tiny_en_dir, sample_items, tmp_path):
+def test_streaming_evaluation_from_dataset_directory(tiny_en_dir, sample_items, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # streaming also writes seed 000's evaluation_{examples,metrics}.csv here
     items = [it for group in _picks(sample_items).values() for it in group]
     data = tmp_path / "hub_like"
     _write_parquet_dataset(data, items)
@@ -134,6 +135,7 @@ def test_streaming_evaluation_from_dataset_directory(tiny_en_dir, sample_items, 
     with (out / "streamed_predictions.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["reference"] for r in rows] == [it["text"] for it in items[:3]]
+    assert (tmp_path / "evaluation_examples.csv").is_file() and (tmp_path / "evaluation_metrics.csv").is_file()
 
 
 def test_streaming_evaluation_names_a_missing_split(tiny_random_dir, sample_items, tmp_path, capsys):

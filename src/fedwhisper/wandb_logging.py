@@ -40,6 +40,11 @@ def log_wandb_run(run_name: str, values: Mapping[str, Any], job_type: str, disab
     import wandb
 
     try:
+        # wandb keeps the environment of its first setup in this process (an import elsewhere may have made it):
+        # start afresh when WANDB_* changed since, so that WANDB_MODE / WANDB_DIR / the key apply to this run
+        session = wandb.setup()
+        if getattr(session, "did_environment_change", lambda: False)():
+            wandb.teardown()
         run = wandb.init(project=os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT), entity=os.environ.get("WANDB_ENTITY"),
                          name=run_name, job_type=job_type, reinit="finish_previous")
         run.log(dict(values))
