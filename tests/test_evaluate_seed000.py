@@ -129,6 +129,23 @@ def test_model_pt_with_dims_converts_and_bare_unknown_shapes_are_refused(tiny_ra
             pass
 
 
+def test_bare_large_v3_turbo_state_dict_needs_no_architecture():
+    """Seed 000's checkpoints are bare large-v3-turbo state dicts: the shapes alone pick the model (meta tensors)."""
+    from fedwhisper.formats.openai_whisper import ARCHITECTURES, resolve_dims
+
+    def empty(*shape):
+        return torch.empty(*shape, device="meta")
+
+    state = {"encoder.conv1.weight": empty(1280, 128, 3), "decoder.token_embedding.weight": empty(51866, 1280),
+             "encoder.positional_embedding": empty(1500, 1280), "decoder.positional_embedding": empty(448, 1280)}
+    state.update({f"encoder.blocks.{i}.attn.query.weight": empty(1280, 1280) for i in range(32)})
+    state.update({f"decoder.blocks.{i}.attn.query.weight": empty(1280, 1280) for i in range(4)})
+    assert resolve_dims(state, None, "model.pt") == ARCHITECTURES["large-v3-turbo"]
+    state["decoder.token_embedding.weight"] = empty(51865, 1280)  # large-v2's vocabulary on turbo's layers
+    with pytest.raises(CheckpointError, match="matches no openai-whisper architecture"):
+        resolve_dims(state, None, "model.pt")
+
+
 def test_seed_command_runs_unchanged_on_a_bare_model_pt(tiny_en_dir, sample_items, tmp_path, monkeypatch, caplog):
     """Seed 000's documented command plus its flags, on a folder holding only a bare state dict of tiny.en: the
     architecture and tokenizer come from the shapes, references fall back to `sentence`, and the seed's CSVs are
