@@ -178,7 +178,7 @@ def test_seed_command_runs_unchanged_on_a_bare_model_pt(tiny_en_dir, sample_item
     ]
 
     assert _stage()(["--model_dir", str(tiny_en_dir), "--dataset_name", str(data), "--out_dir", "eval",
-                     "--name", "hf", "--examples_csv", "", "--metrics_csv", ""]) == 0
+                     "--name", "hf", "--examples_csv", "", "--metrics_csv", "", "--disable_wandb"]) == 0
     with (tmp_path / "eval" / "hf_predictions.csv").open(newline="") as f:
         from_hf = [r["hypothesis"] for r in csv.DictReader(f)]
     assert [r[1] for r in examples[1:]] == from_hf[:2]
