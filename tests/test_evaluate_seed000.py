@@ -2,53 +2,20 @@
 logging, and its `text` -> `sentence` reference fallback."""
 
 import csv
-import importlib.util
-import io
 import json
 import struct
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-import soundfile as sf
 import torch
+from test_evaluate_stage import _stage, _write_parquet_dataset  # tests/ is on sys.path under pytest
 
-from fedwhisper.audio import load_16k_mono
 from fedwhisper.decode.seed000 import EXAMPLE_COLUMNS, compute_type_for_precision
 from fedwhisper.errors import CheckpointError, ParamsError
 from fedwhisper.formats.base_model import canonical_model_dir
 from fedwhisper.formats.hf import load_config, read_state_dict
 from fedwhisper.formats.openai_whisper import export_openai_pt
 from fedwhisper.wandb_logging import wandb_wanted
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _stage():
-    spec = importlib.util.spec_from_file_location("evaluate_stage_seed000", ROOT / "stages" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-def _hub_like(folder: Path, items: list[dict], text_column: str = "sentence", texts: list[str] | None = None) -> Path:
-    """A local HF dataset directory streamed by load_dataset: FLAC audio, ``text_column`` and accent; split test."""
-    import datasets
-
-    audio = []
-    for it in items:
-        buf = io.BytesIO()
-        sf.write(buf, load_16k_mono(it["path"]), 16000, format="FLAC")
-        audio.append({"bytes": buf.getvalue(), "path": Path(it["path"]).with_suffix(".flac").name})
-    features = datasets.Features({"audio": datasets.Audio(sampling_rate=16000),
-                                  text_column: datasets.Value("string"), "accent": datasets.Value("string")})
-    table = pa.table({"audio": audio, text_column: texts if texts is not None else [it["text"] for it in items],
-                      "accent": [it["accent"] for it in items]})
-    table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features.to_dict()}})})
-    (folder / "data").mkdir(parents=True)
-    pq.write_table(table, folder / "data" / "test-00000-of-00001.parquet")
-    return folder
 
 
 def _seed_model_dir(hf_dir: Path, folder: Path, bare: bool) -> Path:
@@ -151,7 +118,7 @@ def test_seed_command_runs_unchanged_on_a_bare_model_pt(tiny_en_dir, sample_item
     architecture and tokenizer come from the shapes, references fall back to `sentence`, and the seed's CSVs are
     written where the seed writes them, with the same transcripts as the HF directory gives."""
     items = [it for it in sample_items if it["accent"] == "en-us"][:3]  # the accent tiny.en does not hallucinate on
-    data = _hub_like(tmp_path / "spc_like", items)
+    data = _write_parquet_dataset(tmp_path / "spc_like", items)
     model = _seed_model_dir(tiny_en_dir, tmp_path / "whisper-aggregated" / "custom", bare=True)
     assert [p.name for p in model.iterdir()] == ["model.pt"]
     (tmp_path / "params.yaml").write_text("evaluate:\n  normalizer: basic\n  batch_size: 3\n")
@@ -186,7 +153,7 @@ def test_seed_command_runs_unchanged_on_a_bare_model_pt(tiny_en_dir, sample_item
 
 
 def test_wandb_offline_run_holds_the_seed_metrics(tiny_random_dir, sample_items, tmp_path, monkeypatch):
-    data = _hub_like(tmp_path / "ds", sample_items[:2], text_column="text")
+    data = _write_parquet_dataset(tmp_path / "ds", sample_items[:2], text_column="text")
     (tmp_path / "params.yaml").write_text("evaluate:\n  max_new_tokens: 4\n  normalizer: basic\n")
     monkeypatch.chdir(tmp_path)
     for key, value in {"WANDB_MODE": "offline", "WANDB_API_KEY": "dummy", "WANDB_SILENT": "true",
@@ -213,13 +180,13 @@ def test_reference_column_errors_name_the_columns(tiny_random_dir, sample_items,
     (tmp_path / "params.yaml").write_text("evaluate:\n  max_new_tokens: 4\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    other = _hub_like(tmp_path / "other", sample_items[:1], text_column="transcript")
+    other = _write_parquet_dataset(tmp_path / "other", sample_items[:1], text_column="transcript")
     base = ["--model_dir", str(tiny_random_dir), "--out_dir", "eval"]
     assert _stage()([*base, "--dataset_name", str(other)]) == 1
     assert "no reference column 'text' (nor 'sentence'); columns: audio, transcript, accent" in capsys.readouterr().err
     assert _stage()([*base, "--dataset_name", str(other), "--text_column", "words"]) == 1
     assert "no reference column 'words'; columns: audio, transcript, accent" in capsys.readouterr().err
-    empty = _hub_like(tmp_path / "empty", sample_items[:2], text_column="text", texts=["", " "])
+    empty = _write_parquet_dataset(tmp_path / "empty", sample_items[:2], text_column="text", texts=["", " "])
     assert _stage()([*base, "--dataset_name", str(empty)]) == 1
     assert "column 'text': all 2 references are empty" in capsys.readouterr().err
     assert not (tmp_path / "eval").exists() and not (tmp_path / "evaluation_metrics.csv").exists()

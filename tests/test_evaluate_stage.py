@@ -98,8 +98,10 @@ def test_stage_reports_missing_prepared_data(tiny_random_dir, tmp_path, capsys):
     assert not (tmp_path / "eval").exists()
 
 
-def _write_parquet_dataset(folder: Path, items: list[dict]) -> None:
-    """A local HF dataset directory: audio as encoded FLAC bytes (Audio feature), text, accent; split `test`."""
+def _write_parquet_dataset(folder: Path, items: list[dict], text_column: str = "sentence",
+                           texts: list[str] | None = None) -> Path:
+    """A local HF dataset directory: audio as encoded FLAC bytes (Audio feature), the transcripts (``texts``, else
+    each item's text) in ``text_column``, accent; split `test`."""
     import datasets
 
     audio = []
@@ -108,12 +110,13 @@ def _write_parquet_dataset(folder: Path, items: list[dict]) -> None:
         sf.write(buf, load_16k_mono(it["path"]), 16000, format="FLAC")
         audio.append({"bytes": buf.getvalue(), "path": Path(it["path"]).with_suffix(".flac").name})
     features = datasets.Features({"audio": datasets.Audio(sampling_rate=16000),
-                                  "sentence": datasets.Value("string"), "accent": datasets.Value("string")})
-    table = pa.table({"audio": audio, "sentence": [it["text"] for it in items],
+                                  text_column: datasets.Value("string"), "accent": datasets.Value("string")})
+    table = pa.table({"audio": audio, text_column: texts if texts is not None else [it["text"] for it in items],
                       "accent": [it["accent"] for it in items]})
     table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features.to_dict()}})})
     (folder / "data").mkdir(parents=True)
     pq.write_table(table, folder / "data" / "test-00000-of-00001.parquet")
+    return folder
 
 
 def test_streaming_evaluation_from_dataset_directory(tiny_en_dir, sample_items, tmp_path, monkeypatch):
