@@ -45,8 +45,9 @@ def log_wandb_run(run_name: str, values: Mapping[str, Any], job_type: str, disab
         session = wandb.setup()
         if getattr(session, "did_environment_change", lambda: False)():
             wandb.teardown()
-        run = wandb.init(project=os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT), entity=os.environ.get("WANDB_ENTITY"),
-                         name=run_name, job_type=job_type, reinit="finish_previous")
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", DEFAULT_PROJECT),
+                         entity=os.environ.get("WANDB_ENTITY"), name=run_name, job_type=job_type,
+                         reinit="finish_previous")
         run.log(dict(values))
         run_dir = run.dir
         run.finish()

@@ -127,7 +127,9 @@ def resolve_text_column(columns: Iterable[str], requested: str, where: str) -> s
     )
 
 
-def _stream_rows(spec: StreamSpec, resolved: Optional[dict[str, str]] = None) -> Iterator[tuple[str, str, str, np.ndarray]]:
+def _stream_rows(
+    spec: StreamSpec, resolved: Optional[dict[str, str]] = None
+) -> Iterator[tuple[str, str, str, np.ndarray]]:
     """(id, group, text, audio 16 kHz) per streamed row; audio bytes decoded with soundfile, not torchcodec.
 
     The reference column is checked on the first row (see ``resolve_text_column``) and stored in
