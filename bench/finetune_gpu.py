@@ -114,7 +114,8 @@ def run_timed(name: str, trainer, timer, cuda: bool) -> Result:
 
 def bench_ours(model_dir: Path, ds, args, cuda: bool, work: Path) -> Result:
     from fedwhisper.params import FinetuneParams
-    from fedwhisper.train.trainer import build_trainer, load_base
+    from fedwhisper.train.model_setup import load_base
+    from fedwhisper.train.trainer import build_trainer
 
     ft = FinetuneParams(learning_rate=1e-5, max_steps=args.steps, batch_size=args.batch_size, warmup_steps=0,
                         precision="bf16" if cuda else "fp32", freeze_encoder=args.freeze_encoder,

@@ -27,11 +27,17 @@ from fedwhisper.decode.significance import (
 )
 from fedwhisper.errors import FedWhisperError
 from fedwhisper.merge.presets import PRESETS
+from fedwhisper.merge.strategies import REGISTRY
 
-# Strategy -> extra overrides. Krum needs n > 2f + 2 clients: with the four default clients that means f = 0 (Krum
-# keeps the most central client); Multi-Krum then averages the m = 2 most central ones (m = n - f would be the mean).
-STRATEGIES = {"fedavg": [], "task_arithmetic": [], "ties": [], "dare_linear": [], "dare_ties": [], "median": [],
-              "trimmed_mean": [], "krum": ["aggregation.f=0"], "multi_krum": ["aggregation.f=0", "aggregation.m=2"]}
+
+
+def swept_strategies() -> dict[str, list[str]]:
+    """Strategy -> extra `-S` overrides, from the strategy registry (each strategy's ``sweep=``; mean and uniform
+    are swept through the presets instead)."""
+    return {name: list(spec.sweep) for name, spec in REGISTRY.items() if spec.sweep is not None}
+
+
+STRATEGIES = swept_strategies()
 PREFIX = "sweep-"
 PREDICTIONS = "metrics/eval/aggregated_predictions.csv"
 
@@ -40,7 +46,7 @@ def experiments() -> dict[str, list[str]]:
     """Experiment name -> `-S` overrides."""
     runs = {f"{PREFIX}{name}": [f"aggregation.preset={name}"] for name in PRESETS}
     runs.update({f"{PREFIX}{s.replace('_', '-')}": [f"aggregation.strategy={s}", *extra]
-                 for s, extra in STRATEGIES.items()})
+                 for s, extra in swept_strategies().items()})
     return runs
 
 

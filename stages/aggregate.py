@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     except FedWhisperError as exc:
         print(f"aggregate: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, file size limit, read-only file system, ... outside the library's checks
+        print(f"aggregate: error: {exc.filename or ''}: {exc.strerror or exc}".replace("error: : ", "error: "),
+              file=sys.stderr)
+        return 2
     return 0
 
 

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.source is None:
-            base = load_params(args.params).base
+            base = load_params(args.params, stage="base").base
             source, fmt, arch = base.source, base.format, base.architecture
         else:
             source, fmt, arch = args.source, "auto", None

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        params = load_params(args.params)
+        params = load_params(args.params, stage="finetune")
         command = launcher_command(params.finetune, __file__, argv)
         if command is not None:
             return run_launched(command)

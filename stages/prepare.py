@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        params = load_params(args.params)
+        params = load_params(args.params, stage="prepare")
         run_prepare(params, load_token_counter(args.base), args.out, args.metrics_dir)
     except FedWhisperError as exc:
         print(f"prepare: error: {exc}", file=sys.stderr)

@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-dir", default="metrics", type=Path)
     args = parser.parse_args(argv)
     try:
-        params = load_params(args.params)
+        params = load_params(args.params, stage="report")
         build_report(args.metrics_dir, params.clients, BootstrapSettings.from_params(params.evaluate.bootstrap))
     except FedWhisperError as exc:
         print(f"report: error: {exc}", file=sys.stderr)

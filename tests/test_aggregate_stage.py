@@ -167,13 +167,8 @@ def test_external_mode_with_dvc_add_and_no_finetune(tmp_path, tiny_random_dir, b
     proj = project(tmp_path, tiny_random_dir, {"source": "checkpoints", "preset": "bias_best_light"})
     shutil.copyfile(ROOT / "dvc.yaml", proj / "dvc.yaml")
     shutil.copytree(ROOT / "stages", proj / "stages")
-    shutil.copytree(ROOT / "src" / "fedwhisper" / "merge", proj / "src" / "fedwhisper" / "merge",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    (proj / "src" / "fedwhisper" / "formats").mkdir()
-    shutil.copyfile(ROOT / "src" / "fedwhisper" / "formats" / "checkpoints.py",
-                    proj / "src" / "fedwhisper" / "formats" / "checkpoints.py")
-    shutil.copyfile(ROOT / "src" / "fedwhisper" / "atomic.py", proj / "src" / "fedwhisper" / "atomic.py")
-    shutil.copyfile(ROOT / "src" / "fedwhisper" / "single_model.py", proj / "src" / "fedwhisper" / "single_model.py")
+    shutil.copytree(ROOT / "src" / "fedwhisper", proj / "src" / "fedwhisper",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # the stage's deps
     names = ["eager-haze-6", "hearty-bee-7", "smart-smoke-5", "wandering-river-4"]  # sorted, as the stage sorts
     states = [client_state(base_state, s) for s in range(4)]
     (proj / "checkpoints").mkdir()

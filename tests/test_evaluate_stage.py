@@ -107,8 +107,10 @@ def test_stage_reports_missing_prepared_data(tiny_random_dir, tmp_path, capsys):
     assert not (tmp_path / "eval").exists()
 
 
-def _write_parquet_dataset(folder: Path, items: list[dict]) -> None:
-    """A local HF dataset directory: audio as encoded FLAC bytes (Audio feature), text, accent; split `test`."""
+def _write_parquet_dataset(folder: Path, items: list[dict], text_column: str = "sentence",
+                           texts: list[str] | None = None) -> Path:
+    """A local HF dataset directory: audio as encoded FLAC bytes (Audio feature), the transcripts (``texts``, else
+    each item's text) in ``text_column``, accent; split `test`."""
     import datasets
 
     audio = []
@@ -117,15 +119,17 @@ def _write_parquet_dataset(folder: Path, items: list[dict]) -> None:
         sf.write(buf, load_16k_mono(it["path"]), 16000, format="FLAC")
         audio.append({"bytes": buf.getvalue(), "path": Path(it["path"]).with_suffix(".flac").name})
     features = datasets.Features({"audio": datasets.Audio(sampling_rate=16000),
-                                  "sentence": datasets.Value("string"), "accent": datasets.Value("string")})
-    table = pa.table({"audio": audio, "sentence": [it["text"] for it in items],
+                                  text_column: datasets.Value("string"), "accent": datasets.Value("string")})
+    table = pa.table({"audio": audio, text_column: texts if texts is not None else [it["text"] for it in items],
                       "accent": [it["accent"] for it in items]})
     table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features.to_dict()}})})
     (folder / "data").mkdir(parents=True)
     pq.write_table(table, folder / "data" / "test-00000-of-00001.parquet")
+    return folder
 
 
-def test_streaming_evaluation_from_dataset_directory(tiny_en_dir, sample_items, tmp_path):
+def test_streaming_evaluation_from_dataset_directory(tiny_en_dir, sample_items, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # streaming also writes seed 000's evaluation_{examples,metrics}.csv here
     items = [it for group in _picks(sample_items).values() for it in group]
     data = tmp_path / "hub_like"
     _write_parquet_dataset(data, items)
@@ -143,6 +147,7 @@ def test_streaming_evaluation_from_dataset_directory(tiny_en_dir, sample_items, 
     with (out / "streamed_predictions.csv").open(newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["reference"] for r in rows] == [it["text"] for it in items[:3]]
+    assert (tmp_path / "evaluation_examples.csv").is_file() and (tmp_path / "evaluation_metrics.csv").is_file()
 
 
 def test_streaming_evaluation_names_a_missing_split(tiny_random_dir, sample_items, tmp_path, capsys):

@@ -17,7 +17,9 @@ from fedwhisper.errors import ParamsError
 from fedwhisper.formats.hf import read_state_dict
 from fedwhisper.params import FinetuneParams
 from fedwhisper.train.launch import launcher_command
-from fedwhisper.train.trainer import check_precision, check_trainer_overrides, resume_point, run_finetune
+from fedwhisper.train.resume import resume_point
+from fedwhisper.train.trainer import run_finetune
+from fedwhisper.train.training_args import check_precision, check_trainer_overrides
 
 CLIENT = "c1"
 WORDS = "alpha bravo charlie delta echo foxtrot golf hotel india juliet".split()
@@ -168,8 +170,9 @@ def test_changed_params_do_not_resume_stale_checkpoints(tmp_path):
 def test_translate_task_on_multilingual_model(tmp_path, tiny_random_multilingual_dir, prepared):
     from transformers import GenerationConfig, WhisperTokenizerFast
 
-    from fedwhisper.train.trainer import build_trainer, load_base
     from fedwhisper.data.prepared import load_split
+    from fedwhisper.train.model_setup import load_base
+    from fedwhisper.train.trainer import build_trainer
 
     ft = FinetuneParams(**{**FAST, "max_steps": 2, "language": "de", "task": "translate"})
     model, tok, multilingual = load_base(tiny_random_multilingual_dir)
@@ -243,7 +246,8 @@ def test_accelerate_launch_runs_once(tmp_path, tiny_random_dir, prepared):
 def test_encoder_cache_gives_the_same_loss(tiny_random_dir, prepared):
     from fedwhisper.data.prepared import load_split
     from fedwhisper.train.collator import WhisperCollator, label_prefix
-    from fedwhisper.train.trainer import cache_encoder_outputs, encoder_is_constant, load_base
+    from fedwhisper.train.encoder_cache import cache_encoder_outputs, encoder_is_constant
+    from fedwhisper.train.model_setup import load_base
 
     model, tok, _ = load_base(tiny_random_dir)
     ft = FinetuneParams(freeze_encoder=True)
@@ -270,8 +274,9 @@ def test_partly_frozen_encoder_cache_gives_the_same_loss_and_gradients(tiny_rand
     from fedwhisper.data.prepared import load_split
     from fedwhisper.errors import ParamsError
     from fedwhisper.train.collator import WhisperCollator, label_prefix
-    from fedwhisper.train.trainer import (cache_encoder_outputs, cacheable_encoder_depth, configure_model,
-                                          encoder_is_constant, load_base, use_cached_lower_encoder)
+    from fedwhisper.train.encoder_cache import (LowerEncoderStates, cache_encoder_outputs, cacheable_encoder_depth,
+                                                encoder_is_constant, finish_lower_encoder_states)
+    from fedwhisper.train.model_setup import configure_model, load_base
 
     model, tok, _ = load_base(tiny_random_dir)
     ft = FinetuneParams(freeze_encoder=False, freeze_encoder_layers=1)
@@ -295,9 +300,11 @@ def test_partly_frozen_encoder_cache_gives_the_same_loss_and_gradients(tiny_rand
                               model.config.decoder_start_token_id)
     rows = [train.with_format("numpy")[i] for i in (0, 5)]
     plain = collate(rows)
-    collate.encoder_cache, collate.cache_is_encoder_output = cache, False
+    collate.encoder_cache, collate.cached_states = cache, LowerEncoderStates
     cached = collate(rows)
-    assert cached["input_features"].shape[1:] == (model.config.max_source_positions, model.config.d_model)
+    assert set(cached) == {"encoder_outputs", "labels"} and isinstance(cached["encoder_outputs"], LowerEncoderStates)
+    assert cached["encoder_outputs"].last_hidden_state.shape[1:] == (model.config.max_source_positions,
+                                                                      model.config.d_model)
 
     def loss_and_grads(batch):
         model.zero_grad()
@@ -306,7 +313,7 @@ def test_partly_frozen_encoder_cache_gives_the_same_loss_and_gradients(tiny_rand
         return loss.item(), {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
 
     a, grads_a = loss_and_grads(plain)
-    use_cached_lower_encoder(model, 1)
+    hook = finish_lower_encoder_states(model, 1)
     b, grads_b = loss_and_grads(cached)
     assert a == pytest.approx(b, rel=1e-5)
     assert grads_a.keys() == grads_b.keys() and any(n.startswith("model.encoder.layers.1.") for n in grads_b)
@@ -315,11 +322,15 @@ def test_partly_frozen_encoder_cache_gives_the_same_loss_and_gradients(tiny_rand
     # log-mel input still takes the whole encoder (validation generation)
     c, _ = loss_and_grads(plain)
     assert c == pytest.approx(a, rel=1e-6)
+    # EncoderTop shares the encoder's modules and is not registered on the model: saved weights keep their names
+    assert model.state_dict().keys() == load_base(tiny_random_dir)[0].state_dict().keys()
+    hook.remove()
 
 
 def test_encoder_cache_gives_the_same_validation_wer(tmp_path, tiny_random_dir, prepared):
     from fedwhisper.data.prepared import load_split
-    from fedwhisper.train.trainer import build_trainer, load_base
+    from fedwhisper.train.model_setup import load_base
+    from fedwhisper.train.trainer import build_trainer
 
     ft = FinetuneParams(**FAST)
     train, val = load_split(prepared, CLIENT, "train"), load_split(prepared, CLIENT, "validation")
@@ -338,7 +349,7 @@ def test_encoder_cache_gives_the_same_validation_wer(tmp_path, tiny_random_dir, 
 def test_wandb_is_optional(monkeypatch):
     import importlib.util
 
-    from fedwhisper.train.trainer import report_to
+    from fedwhisper.train.training_args import report_to
 
     real_find_spec = importlib.util.find_spec
     assert report_to(False) == []
@@ -349,3 +360,28 @@ def test_wandb_is_optional(monkeypatch):
     assert report_to(True) == ["wandb"]
     monkeypatch.delenv("WANDB_API_KEY")
     assert report_to(True) == []  # installed but no key
+
+
+def test_lower_encoder_cache_trains_to_the_same_weights(tmp_path, tiny_random_dir, prepared):
+    """freeze_encoder_layers=1 through the Trainer: cached lower layers + EncoderTop train like the whole encoder."""
+    from fedwhisper.data.prepared import load_split
+    from fedwhisper.train.model_setup import load_base
+    from fedwhisper.train.trainer import build_trainer
+
+    ft = FinetuneParams(**{**FAST, "max_steps": 2, "freeze_encoder": False, "freeze_encoder_layers": 1})
+    train = load_split(prepared, CLIENT, "train")
+    runs = []
+    for cache in (True, False):
+        model, tok, ml = load_base(tiny_random_dir)
+        trainer = build_trainer(ft, model, tok, ml, train, None, tmp_path / str(cache), cache_encoder=cache)
+        assert (trainer.data_collator.encoder_cache is not None) == cache
+        trainer.train()
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        runs.append((losses, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+    (cached_losses, cached), (plain_losses, plain) = runs
+    assert len(cached_losses) == 2 and cached_losses == pytest.approx(plain_losses, rel=1e-6)
+    base = read_state_dict(tiny_random_dir)
+    upper = [k for k in base if k.startswith("model.encoder.layers.1.")]
+    assert all(not torch.equal(cached[k], base[k]) for k in upper)  # the layer above the cache trained
+    for name in plain:
+        torch.testing.assert_close(cached[name], plain[name], rtol=0, atol=1e-6, msg=name)

@@ -39,7 +39,6 @@ def test_repo_params_yaml_is_valid_and_complete():
         ({"finetune": {"freeze_encoder": "yes"}}, "finetune.freeze_encoder: got 'yes'; expected true or false"),
         ({"prepare": {"max_drop_fraction": 1.5}}, "prepare.max_drop_fraction: got 1.5; must be <= 1.0"),
         ({"aggregation": {"weights": [0.5, "x"]}}, "aggregation.weights[1]: got 'x'; expected a number"),
-        ({"aggregation": {"strategy": "avg"}}, "aggregation.strategy: got 'avg'; allowed: 'mean'"),
         ({"aggregation": {"preset": "equal_avg", "weights": [1, 1]}}, "aggregation.preset and aggregation.weights"),
         ({"evaluate": {"normalizer": "lower"}}, "evaluate.normalizer: got 'lower'"),
         ({"prepare": {"split": {"validation": 0.5, "test": 0.5}}}, "prepare.split: validation + test = 1.0"),

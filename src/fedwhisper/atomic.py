@@ -12,7 +12,8 @@ Every output is written under a temporary sibling name and renamed into place. T
 
 A process killed with SIGKILL between creating such a sibling and renaming it cannot remove it, and the next run
 uses its own pid, so the sibling would stay forever. ``remove_stale_siblings(out)``, called by the writers before
-they write ``out``, removes the siblings of ``out`` whose every pid is a process that no longer exists. A sibling of
+they write ``out``, removes the siblings of ``out`` whose every pid is a process that no longer exists (or, when
+``out`` is missing, moves a dead run's ``out.old-<pid>`` back to ``out``). A sibling of
 a live process (another run writing the same output, e.g. a ``dvc exp`` queue worker, or this process) is kept, and
 so is every name that does not match the patterns above exactly.
 
@@ -83,9 +84,25 @@ def remove_stale_siblings(path: str | Path) -> list[Path]:
     """Remove the temporary siblings of ``path`` left by processes that no longer exist; log each at WARNING.
 
     Returns the removed paths. A sibling that cannot be removed is logged and left; the caller's write goes on.
+
+    When ``path`` itself is missing and a dead process left ``<name>.old-<pid>`` (killed inside a swap, after
+    moving the previous output aside and before renaming the new one into place), that previous output is moved
+    back to ``path`` rather than deleted.
     """
+    path = Path(path)
     removed = []
-    for stale in stale_siblings(path):
+    stale_list = stale_siblings(path)
+    if not path.exists() and not path.is_symlink():
+        olds = [p for p in stale_list if re.fullmatch(re.escape(path.name) + r"\.old-\d+", p.name)]
+        if olds:
+            newest = max(olds, key=lambda p: p.lstat().st_mtime)
+            try:
+                os.replace(newest, path)
+                log.warning("restored %s from %s, left by a run killed inside the output swap", path, newest.name)
+                stale_list.remove(newest)
+            except OSError as exc:
+                log.warning("could not restore %s from %s: %s", path, newest, exc)
+    for stale in stale_list:
         try:
             if stale.is_dir() and not stale.is_symlink():
                 shutil.rmtree(stale)

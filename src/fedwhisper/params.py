@@ -145,10 +145,9 @@ class ScreeningParams:
 
 @dataclass(frozen=True)
 class AggregationParams:
-    strategy: Literal[
-        "mean", "uniform", "fedavg", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-        "median", "trimmed_mean", "krum", "multi_krum",
-    ] = p("mean", "Merge strategy. `mean` uses `weights` (or `preset`), else uniform.")
+    strategy: str = p(
+        "mean", "Merge strategy, a name registered in `merge/strategies.py` (table under Merge strategies; "
+        "checked by the aggregate stage). `mean` uses `weights` (or `preset`), else uniform; `uniform` refuses them.")
     preset: Optional[str] = p(None, "One of the seed's ten named weightings (see README); excludes `weights`.")
     weights: Optional[list[float]] = p(None, "Non-negative per-client weights, normalised; null = uniform.")
     source: str = p(
@@ -290,6 +289,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ParamsError(f"{path}: got {value!r}; expected a number")
         if math.isnan(value):
             raise ParamsError(f"{path}: got NaN; expected a number")
+        if math.isinf(value) or (isinstance(value, int) and not math.isfinite(float(value))):
+            raise ParamsError(f"{path}: got {value!r}; expected a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -338,6 +339,9 @@ def _build(cls: type, data: Any, path: str) -> Any:
     return cls(**kwargs)
 
 
+RESERVED_CLIENT_NAMES = ("base", "aggregated")
+
+
 def _check_cross(params: Params) -> None:
     agg = params.aggregation
     if agg.preset is not None and agg.weights is not None:
@@ -354,6 +358,9 @@ def _check_cross(params: Params) -> None:
     for name in params.clients:
         if not name or "/" in name or name in {".", ".."}:
             raise ParamsError(f"clients: {name!r} is not usable as a directory name")
+        if name in RESERVED_CLIENT_NAMES:
+            raise ParamsError(f"clients: {name!r} is reserved (the {name} model's input hash and metrics/eval/"
+                              f"{name}.json); rename that client")
 
 
 def params_from_dict(data: Any) -> Params:
@@ -363,21 +370,94 @@ def params_from_dict(data: Any) -> Params:
     return params
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml. Fails before any work starts."""
+class DuplicateKeyError(yaml.YAMLError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:  # unhashable key: the base class reports it
+                continue
+            if first != line:
+                raise DuplicateKeyError(f"duplicate key {key!r} on line {line} (first on line {first}); "
+                                        "keep one of them")
+        return super().construct_mapping(node, deep=deep)
+
+
+# The params sections each stage script reads (stages/<name>.py), also listed as that stage's `params:` in dvc.yaml
+# (tests/test_dvc_deps.py compares the two). ``load_params(..., stage=name)`` hands the stage only these sections:
+# touching any other one raises, so a stage that starts reading a new section fails until both places say so.
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "base": ("base",),
+    "prepare": ("data", "prepare", "clients"),
+    "finetune": ("finetune",),
+    "aggregate": ("aggregation", "clients"),
+    "evaluate": ("evaluate",),
+    "report": ("clients", "evaluate"),  # evaluate.bootstrap only (dvc.yaml names that sub-key)
+}
+
+
+class UndeclaredSection:
+    """Stands in for a params section that a stage did not declare; any use of it raises ParamsError."""
+
+    def __init__(self, section: str, stage: str):
+        object.__setattr__(self, "_where", (section, stage))
+
+    def _refuse(self, *_: Any, **__: Any) -> Any:
+        section, stage = object.__getattribute__(self, "_where")
+        raise ParamsError(
+            f"internal: stage '{stage}' read params section '{section}', which it does not declare; add it to "
+            f"params.STAGE_SECTIONS['{stage}'] and to the stage's params in dvc.yaml"
+        )
+
+    __getattr__ = __iter__ = __len__ = __bool__ = __getitem__ = __contains__ = __eq__ = _refuse
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        section, stage = object.__getattribute__(self, "_where")
+        return f"<params section {section!r}: not declared for stage {stage!r}>"
+
+
+def for_stage(params: Params, stage: str) -> Params:
+    """``params`` with every section that ``STAGE_SECTIONS[stage]`` does not name replaced by a stand-in that raises."""
+    if stage not in STAGE_SECTIONS:
+        raise ParamsError(f"internal: unknown stage {stage!r}; add it to params.STAGE_SECTIONS")
+    keep = STAGE_SECTIONS[stage]
+    return dataclasses.replace(params, **{f.name: UndeclaredSection(f.name, stage)
+                                          for f in dataclasses.fields(Params) if f.name not in keep})
+
+
+def load_params(path: str | Path = "params.yaml", *, stage: str | None = None) -> Params:
+    """Read and validate params.yaml (every section, whatever ``stage`` reads). Fails before any work starts.
+
+    With ``stage``, only the sections ``STAGE_SECTIONS[stage]`` names can be used (see ``for_stage``).
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ParamsError(f"{path}: cannot read params file ({exc.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except DuplicateKeyError as exc:
+        raise ParamsError(f"{path}: {exc}") from None
     except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
     try:
-        return params_from_dict(data)
+        params = params_from_dict(data)
     except ParamsError as exc:
         raise ParamsError(f"{path}: {exc}") from None
+    return params if stage is None else for_stage(params, stage)
 
 
 def iter_docs(cls: type = Params, prefix: str = "") -> typing.Iterator[tuple[str, str, Any, str]]:

@@ -43,13 +43,13 @@ def _hook_aggregate_write(marker: Path, n: int) -> None:
 
 
 def _hook_finetune_step(marker: Path, n: int) -> None:
-    from fedwhisper.train import trainer
+    from fedwhisper.train import curves
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == n:
             _pause(marker, str(state.global_step))
 
-    trainer.DVCLiveCurves.on_step_end = on_step_end
+    curves.DVCLiveCurves.on_step_end = on_step_end
 
 
 def main() -> None:

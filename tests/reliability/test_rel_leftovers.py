@@ -153,6 +153,7 @@ def test_aggregate_rerun_removes_dead_leftovers_and_completes(tmp_path, dead_pid
     d = tmp_path / "out"
     gone = leftovers(d, "merged", dead_pid)
     kept = keepers(d, "merged", dead_pid, live_pid)
+    make(d / "merged", True)  # the previous output (were it missing, merged.old-<dead> would be moved back)
     params = params_from_dict({"clients": [], "aggregation": {}})
     with caplog.at_level(logging.WARNING, logger="fedwhisper.atomic"):
         metrics = aggregate(params, checkpoints=[str(p) for p in inputs], names=["c0", "c1"], base_dir=base_dir,

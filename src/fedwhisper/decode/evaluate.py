@@ -60,6 +60,7 @@ class Predictions:
     hypotheses: list[str]
     audio_seconds: float = 0.0
     decode_seconds: float = 0.0
+    reference_source: str = ""  # where the references came from, for error messages
 
     def extend(self, other: "Predictions") -> None:
         for name in ("ids", "clients", "durations", "references", "hypotheses"):
@@ -108,15 +109,41 @@ def decode_prepared(backend: Backend, prepared_root: str | Path, batch_size: int
     )
 
 
-def _stream_rows(spec: StreamSpec) -> Iterator[tuple[str, str, str, np.ndarray]]:
-    """(id, group, text, audio 16 kHz) per streamed row; audio bytes decoded with soundfile, not torchcodec."""
+TEXT_COLUMN_FALLBACK = {"text": "sentence"}  # seed 000 reads `text`, else `sentence` (Swiss Parliaments Corpus)
+
+
+def resolve_text_column(columns: Iterable[str], requested: str, where: str) -> str:
+    """``requested`` when the dataset has it; ``sentence`` when ``text`` was asked for and only ``sentence`` exists
+    (seed 000's rule, said in one line); otherwise DataError naming the columns present."""
+    columns = list(columns)
+    if requested in columns:
+        return requested
+    fallback = TEXT_COLUMN_FALLBACK.get(requested)
+    if fallback in columns:
+        log.info("%s: no reference column %r; using %r as seed 000 does", where, requested, fallback)
+        return fallback
+    also = f" (nor {fallback!r})" if fallback else ""
+    raise DataError(
+        f"{where}: no reference column {requested!r}{also}; columns: {', '.join(columns)}. Set --text_column to the "
+        "column holding the transcripts"
+    )
+
+
+def _stream_rows(
+    spec: StreamSpec, resolved: Optional[dict[str, str]] = None
+) -> Iterator[tuple[str, str, str, np.ndarray]]:
+    """(id, group, text, audio 16 kHz) per streamed row; audio bytes decoded with soundfile, not torchcodec.
+
+    The reference column is checked on the first row (see ``resolve_text_column``) and stored in
+    ``resolved["text_column"]``."""
     from fedwhisper.audio import load_16k_mono, to_16k_mono
-    from fedwhisper.data.sources import HFHubSource, lookup
+    from fedwhisper.data.sources import MISSING, HFHubSource, lookup
     from fedwhisper.params import ColumnsParams, DataParams
 
     columns = ColumnsParams(audio=spec.audio_column, text=spec.text_column, id=spec.id_column,
                             client=spec.group_column)
-    if is_local_layout(spec.dataset):
+    local = is_local_layout(spec.dataset)
+    if local:
         source, split = _local_split(spec, columns)
     else:
         data = DataParams(source="hf", path=spec.dataset, hf_config=spec.config, columns=columns)
@@ -125,16 +152,29 @@ def _stream_rows(spec: StreamSpec) -> Iterator[tuple[str, str, str, np.ndarray]]
         raise DataError(
             f"--split: dataset {spec.dataset!r} has no split {spec.split!r} (splits: {', '.join(source.split_names())})"
         )
-    for item in source.iter_split(split):
+    text_column = spec.text_column
+    for i, item in enumerate(source.iter_split(split)):
         if item.drop_reason:
             raise DataError(f"{item.origin}: {item.problem}")
+        if i == 0 and not local:  # the local layout reads references from sidecars (or metadata's text column)
+            present = [spec.audio_column.split(".")[0], *item.extra]
+            if lookup(item.extra, spec.text_column, MISSING) is not MISSING:
+                present.append(spec.text_column)  # a dotted column (`meta.text`) is present though not a key
+            text_column = resolve_text_column(dict.fromkeys(present), spec.text_column, f"{spec.dataset}:{spec.split}")
+            if resolved is not None:
+                resolved["text_column"] = text_column
+        raw_text = item.text
+        if text_column != spec.text_column:
+            raw_text = lookup(item.extra, text_column, None)
+            if raw_text is not None and not isinstance(raw_text, str):
+                raise DataError(f"{item.origin}: column {text_column!r} holds {type(raw_text).__name__}, not text")
         if item.audio is None:
             raise DataError(f"{item.origin}: no audio in column {spec.audio_column!r}; set --audio_column")
         if isinstance(item.audio, tuple):
             audio = to_16k_mono(*item.audio)
         else:
             audio = load_16k_mono(item.audio, name=item.origin)
-        text = item.text.decode("utf-8", "replace") if isinstance(item.text, bytes) else (item.text or "")
+        text = raw_text.decode("utf-8", "replace") if isinstance(raw_text, bytes) else (raw_text or "")
         group = lookup(item.extra, spec.group_column, "all") if spec.group_column else "all"
         yield item.id, str(group), text, audio
 
@@ -172,7 +212,8 @@ def decode_stream(backend: Backend, spec: StreamSpec, batch_size: int, chunk_bat
     """Decode a streamed dataset in chunks of ``batch_size * chunk_batches`` rows, each chunk sorted by length."""
     out = Predictions([], [], [], [], [])
     chunk: list[tuple[str, str, str, np.ndarray]] = []
-    rows = _stream_rows(spec)
+    resolved: dict[str, str] = {}
+    rows = _stream_rows(spec, resolved)
     with tqdm(desc=f"decode {spec.dataset}:{spec.split}", unit="clip") as bar:
         while True:
             chunk.clear()
@@ -190,6 +231,7 @@ def decode_stream(backend: Backend, spec: StreamSpec, batch_size: int, chunk_bat
             bar.update(len(chunk))
     if not out.ids:
         raise DataError(f"{spec.dataset}:{spec.split}: the stream yielded no rows")
+    out.reference_source = f"{spec.dataset}:{spec.split} column {resolved.get('text_column', spec.text_column)!r}"
     return out
 
 
@@ -287,6 +329,12 @@ def evaluate_model(
     bootstrap = BootstrapSettings.from_params(params.bootstrap)
     metrics = {"model": name, "backend": params.backend, "language": language, "task": task,
                **score_predictions(pred, params.normalizer, bootstrap)}
+    if metrics["n_samples"] == 0:  # every reference empty: WER would be null, which must never pass silently
+        source = pred.reference_source or f"{prepared_root} (prepared test splits, column 'text')"
+        raise DataError(
+            f"{source}: all {len(pred.ids)} references are empty after the {params.normalizer!r} normaliser, so "
+            "WER/CER/BLEU cannot be computed; point --text_column at the transcripts or check evaluate.normalizer"
+        )
     write_predictions_csv(out_dir / f"{name}_predictions.csv", prediction_rows(pred, params.normalizer))
     write_metrics_json(out_dir / f"{name}.json", metrics)
     log.info(

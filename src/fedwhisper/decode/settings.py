@@ -14,7 +14,7 @@ def evaluate_params_with_overrides(params_path: str | Path | None, overrides: Ma
     """``evaluate:`` from ``params_path`` (defaults when the file is absent), then every non-None override whose
     name is an EvaluateParams field, validated like params.yaml."""
     path = Path(params_path) if params_path else None
-    base = load_params(path).evaluate if path is not None and path.is_file() else EvaluateParams()
+    base = load_params(path, stage="evaluate").evaluate if path is not None and path.is_file() else EvaluateParams()
     if path is not None and not path.is_file() and str(path) != "params.yaml":
         raise ParamsError(f"{path}: params file not found; pass an existing --params file or omit it")
     fields = {f.name for f in dataclasses.fields(EvaluateParams)}

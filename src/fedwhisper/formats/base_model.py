@@ -10,9 +10,12 @@ from __future__ import annotations
 import base64
 import gzip
 import logging
+import shutil
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -127,7 +130,10 @@ def import_hf(source: str, out: Path) -> Path:
     from transformers import GenerationConfig, WhisperForConditionalGeneration, WhisperProcessor
 
     try:
-        model = WhisperForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
+        if Path(source).is_dir():  # shards checked to stay inside it; a pickle holding code is refused
+            model = hf.load_whisper_model(source, dtype=torch.float32)
+        else:
+            model = WhisperForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
     except (OSError, ValueError) as exc:
         where = "local directory" if Path(source).is_dir() else "hub id (no such local directory)"
         raise CheckpointError(
@@ -187,3 +193,36 @@ def materialize_base(
         raise CheckpointError(f"base.format={fmt!r}: use auto, ctranslate2, openai or hf")
     log.info("base model %s (%s) -> %s in %.1fs", source, detected, out, time.monotonic() - start)
     return out
+
+
+def openai_checkpoint_in(model: str | Path) -> Optional[Path]:
+    """The openai-whisper checkpoint that ``model`` names, or None for any other model directory: a ``.pt`` file
+    itself, or the ``model.pt`` of a folder that holds no HF ``config.json`` (seed 000's ``<save_dir>/model.pt``)."""
+    path = Path(model)
+    if path.is_file() and path.suffix in PT_SUFFIXES:
+        return path
+    if path.is_dir() and not (path / "config.json").is_file() and (path / "model.pt").is_file():
+        return path / "model.pt"
+    return None
+
+
+@contextmanager
+def canonical_model_dir(model: str | Path, architecture: Optional[str] = None) -> Iterator[Path]:
+    """``model`` itself when it is a canonical HF directory; for an openai-whisper ``.pt`` (or a folder holding only
+    ``model.pt``) a temporary canonical directory converted from it, removed on exit. A bare state dict's
+    architecture comes from its tensor shapes unless ``architecture`` names it."""
+    checkpoint = openai_checkpoint_in(model)
+    if checkpoint is None:
+        yield Path(model)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="fedwhisper-openai-pt-"))
+    try:
+        start = time.monotonic()
+        out = import_openai(str(checkpoint), tmp / "model", architecture)
+        config = hf.load_config(out)
+        log.info("%s: openai-whisper checkpoint (d_model %d, %d+%d layers, vocab %d) converted in %.1fs",
+                 checkpoint, config.d_model, config.encoder_layers, config.decoder_layers, config.vocab_size,
+                 time.monotonic() - start)
+        yield out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

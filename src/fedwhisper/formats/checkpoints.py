@@ -7,8 +7,9 @@ memory:
 
 - safetensors: the header is validated with ``safetensors.safe_open``; tensor bytes are then read with ``pread``
   (not through a memory map), so pages of the input never count toward the process's resident memory.
-- ``.pt``: ``torch.load(mmap=True, weights_only=True)``; after a tensor is copied out, its mapped pages are released
-  with ``madvise(MADV_DONTNEED)``, so reading a whole file does not leave the whole file resident.
+- ``.pt``: ``openai_whisper.load_torch_checkpoint`` (weights only; memory-mapped unless the file is a legacy pickle
+  or its zip members are compressed); after a tensor is copied out, its mapped pages are released with
+  ``madvise(MADV_DONTNEED)``, so reading a whole file does not leave the whole file resident.
 
 The tied ``proj_out.weight`` is skipped (HF re-ties it on load). Nothing here unpickles code.
 """
@@ -20,7 +21,6 @@ import hashlib
 import json
 import mmap
 import os
-import pickle
 import queue
 import struct
 import threading
@@ -31,7 +31,9 @@ from typing import Any, Iterable
 import torch
 
 from fedwhisper.errors import CheckpointError
+from fedwhisper.formats.hf import index_shards
 from fedwhisper.formats.naming import canonical_name
+from fedwhisper.formats.openai_whisper import load_torch_checkpoint
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -279,32 +281,6 @@ def _release_pages(t: torch.Tensor) -> None:
         pass
 
 
-def _torch_load_safely(path: Path) -> tuple[Any, bool]:
-    """``torch.load`` with weights_only=True (mmap when the file allows it); CheckpointError otherwise."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: file not found; check the checkpoint path")
-    for use_mmap in (True, False):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap), use_mmap
-        except pickle.UnpicklingError as exc:
-            first = str(exc).strip().splitlines()
-            detail = next((ln for ln in first if "Unsupported" in ln or "GLOBAL" in ln), first[0] if first else "")
-            raise CheckpointError(
-                f"{path}: refused to load: the pickle references code or objects beyond plain tensors "
-                f"({detail.strip()}). Nothing was executed. Ask its author for a safetensors file or a plain "
-                "state dict saved with torch.save(model.state_dict())"
-            ) from None
-        except RuntimeError as exc:
-            msg = str(exc)
-            if use_mmap and ("mmap" in msg or "zipfile" in msg.lower()) and "central directory" not in msg:
-                continue  # legacy (non-zip) format cannot be memory-mapped; load it normally
-            raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({msg.splitlines()[0]}); "
-                                  "re-copy or re-export it") from None
-        except (EOFError, OSError, ValueError, struct.error) as exc:
-            raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({exc}); re-copy or re-export it") from None
-    raise CheckpointError(f"{path}: unreadable checkpoint")  # pragma: no cover
-
-
 class TorchReader(CheckpointReader):
     """A PyTorch pickle (``.pt``/``.bin``): openai-whisper ``{"dims", "model_state_dict"}`` or a bare state dict."""
 
@@ -313,7 +289,7 @@ class TorchReader(CheckpointReader):
     def __init__(self, path: Path):
         super().__init__(path)
         self.weight_files = [self.path]
-        obj, self._mmap = _torch_load_safely(self.path)
+        obj, self._mmap = load_torch_checkpoint(self.path)
         state = obj
         if isinstance(obj, dict) and "model_state_dict" in obj:
             state = obj["model_state_dict"]
@@ -366,8 +342,7 @@ def _hf_dir_reader(path: Path) -> CheckpointReader:
     if (path / "model.safetensors").is_file():
         reader: CheckpointReader = SafetensorsReader([path / "model.safetensors"], path)
     elif index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        reader = SafetensorsReader([path / s for s in shards], path)
+        reader = SafetensorsReader(index_shards(index), path)
     elif (path / "pytorch_model.bin").is_file():
         reader = TorchReader(path / "pytorch_model.bin")
         reader.path = path

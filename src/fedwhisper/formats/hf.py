@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterable, Mapping, Optional
 
 import torch
@@ -315,6 +315,31 @@ def write_whisper_dir(
 # --------------------------------------------------------------------------- reading
 
 
+def index_shards(index: Path) -> list[Path]:
+    """The shard files a ``model.safetensors.index.json`` names, sorted; each must lie inside the index's directory.
+
+    A shard name that is absolute or has a ``..`` part is refused: joined to the directory, it would read a file
+    outside the model directory.
+    """
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (ValueError, KeyError, TypeError) as exc:
+        detail = "no 'weight_map' key" if isinstance(exc, (KeyError, TypeError)) else f"not valid JSON: {exc}"
+        raise CheckpointError(f"{index}: malformed shard index ({detail}); re-copy or re-export the model") from None
+    except OSError as exc:
+        raise CheckpointError(f"{index}: cannot read the shard index ({exc.strerror or exc})") from None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: malformed shard index ('weight_map' must map tensor names to shard file "
+                              "names); re-copy or re-export the model")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        name = PurePosixPath(shard.replace("\\", "/"))  # a backslash counts as a separator too
+        if not shard or name.is_absolute() or ".." in name.parts:
+            raise CheckpointError(f"{index}: shard {shard!r} is outside the model directory; refused (shard names "
+                                  "must be file names inside the directory that holds the index)")
+    return [index.parent / s for s in shards]
+
+
 def weight_files(model_dir: str | Path) -> list[Path]:
     """The safetensors files of an HF model directory (single file or sharded index)."""
     d = Path(model_dir)
@@ -322,9 +347,31 @@ def weight_files(model_dir: str | Path) -> list[Path]:
         return [d / WEIGHTS_NAME]
     index = d / WEIGHTS_INDEX_NAME
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [d / s for s in shards]
+        return index_shards(index)
     raise CheckpointError(f"{d}: no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}; is this an HF Whisper model directory?")
+
+
+def load_whisper_model(model_dir: str | Path, **from_pretrained_kwargs):
+    """``WhisperForConditionalGeneration.from_pretrained`` of a local directory, with its errors as CheckpointError.
+
+    A sharded model's index is checked first (``index_shards``), so no shard outside the directory is read. A
+    ``pytorch_model.bin`` that holds more than tensors is refused, and the error says so.
+    """
+    import pickle
+
+    from transformers import WhisperForConditionalGeneration
+
+    from fedwhisper.formats.openai_whisper import unpickling_error
+
+    d = Path(model_dir)
+    if not (d / WEIGHTS_NAME).is_file() and (d / WEIGHTS_INDEX_NAME).is_file():
+        index_shards(d / WEIGHTS_INDEX_NAME)
+    try:
+        return WhisperForConditionalGeneration.from_pretrained(str(d), **from_pretrained_kwargs)
+    except pickle.UnpicklingError as exc:
+        raise unpickling_error(d / "pytorch_model.bin", exc) from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{d}: cannot load the HF Whisper model ({exc})") from None
 
 
 def read_state_dict(model_dir: str | Path, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:

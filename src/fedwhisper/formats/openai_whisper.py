@@ -10,8 +10,10 @@ import logging
 import os
 import pickle
 import re
+import struct
+import zipfile
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -51,34 +53,67 @@ ARCHITECTURES: dict[str, dict[str, int]] = {
 # --------------------------------------------------------------------------- reading
 
 
+def unpickling_error(path: Path, exc: Exception) -> CheckpointError:
+    """The error for a PyTorch file that ``torch.load(weights_only=True)`` did not load.
+
+    A pickle the weights-only unpickler stops on is refused as holding more than tensors: code it names (``GLOBAL
+    module.name``), or opcodes a plain ``torch.save`` of tensors does not write. torch's own hint to retry with
+    ``weights_only=False`` is never passed on.
+    """
+    text = str(exc)
+    ask = "Nothing was executed. Ask its author for a safetensors file or a plain state dict saved with " \
+          "torch.save(model.state_dict())"
+    blocked = re.search(r"GLOBAL (\S+)", text)
+    if blocked:
+        return CheckpointError(f"{path}: refused to load: the pickle references code or objects beyond plain tensors "
+                               f"({blocked.group(1)}). {ask}")
+    if isinstance(exc, pickle.UnpicklingError):
+        unpickler = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        detail = unpickler.group(1).strip() if unpickler else "weights-only unpickling failed"
+        return CheckpointError(f"{path}: not a readable PyTorch checkpoint of plain tensors; refused to load "
+                               f"({detail}). {ask}")
+    first = text.strip().splitlines()
+    return CheckpointError(f"{path}: unreadable or truncated checkpoint ({first[0] if first else type(exc).__name__}); "
+                           "re-copy or re-export it")
+
+
+def _compressed_zip_members(path: Path) -> list[str]:
+    """Members of a zip-format torch file stored compressed (``torch.save`` stores them uncompressed)."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return [i.filename for i in zf.infolist() if i.compress_type != zipfile.ZIP_STORED]
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return []  # legacy (non-zip) format, or damaged: torch.load reports it
+
+
+def load_torch_checkpoint(path: str | Path) -> tuple[Any, bool]:
+    """``torch.load(weights_only=True)`` of a ``.pt``/``.bin``: (object, memory-mapped?). CheckpointError otherwise.
+
+    The file is memory-mapped when it is a zip whose members are stored uncompressed, as ``torch.save`` writes it. A
+    legacy (non-zip) file, or one re-zipped with compression, is read into memory: mapping a compressed member
+    would hand back its compressed bytes as tensor data.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found; check the checkpoint path")
+    compressed = _compressed_zip_members(path)
+    if compressed:
+        log.info("%s: %d zip members are compressed (e.g. %s); reading it into memory, not memory-mapped",
+                 path, len(compressed), compressed[0])
+    use_mmap = zipfile.is_zipfile(path) and not compressed
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap), use_mmap
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, struct.error) as exc:
+        raise unpickling_error(path, exc) from None
+
+
 def read_openai_pt(path: str | Path) -> tuple[Optional[dict[str, int]], dict[str, torch.Tensor]]:
     """Load a ``.pt`` without running code from it: (dims or None for a bare state dict, state dict).
 
     A pickle that needs anything beyond tensors and plain containers is refused with CheckpointError.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format cannot be mmapped
-    except pickle.UnpicklingError as exc:
-        blocked = re.search(r"GLOBAL (\S+)", str(exc))
-        if blocked:
-            raise CheckpointError(
-                f"{path}: refused to load; the pickle calls code ({blocked.group(1)}), not just tensors and plain "
-                "containers. Ask its author for a safetensors file or a plain state dict"
-            ) from None
-        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint ({detail.group(1) if detail else 'weights-only unpickling failed'})"
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({exc})") from None
+    obj, _ = load_torch_checkpoint(path)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict or {{dims, model_state_dict}}")
     dims = None

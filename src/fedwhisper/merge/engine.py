@@ -11,8 +11,12 @@ the largest tensor. Each input chunk is converted to the accumulator dtype once.
 Passes:
 - one pass when no decision needs whole-model statistics: merge, screening statistics and non-finite checks
   together;
-- two passes when ``screening.exclude`` is on, or for Krum: a first pass accumulates the statistics (and the
-  pairwise squared distances), clients are excluded / selected, then the second pass merges.
+- two passes when ``screening.exclude`` is on, or for a strategy that ``needs_distances`` (Krum): a first pass
+  accumulates the statistics (and the pairwise squared distances), clients are excluded / selected, then the
+  second pass merges.
+
+Where every client has weight 0 for a tensor (``module_weights`` after exclusion or selection), the base tensor
+is kept. Every merged tensor is checked for NaN/Inf before it is written.
 
 The sha256 of every input is computed in a background thread while merging and patched into the header at the end
 (fixed-length hex, so the header length does not change). The same inputs and params give the same bytes.
@@ -37,11 +41,12 @@ from tqdm.auto import tqdm
 from fedwhisper.errors import CheckpointError, MergeError
 from fedwhisper.formats.checkpoints import DTYPE_TO_SAFETENSORS, CheckpointReader
 from fedwhisper.merge.screening import ScreeningStats, count_nonfinite, flag_clients
-from fedwhisper.merge.strategies import Krum, Strategy, TensorContext
+from fedwhisper.merge.strategies import Strategy, TensorContext
 
 log = logging.getLogger(__name__)
 
 HASH_PLACEHOLDER = "0" * 64
+BASE_KEY = "base"  # the base model's entry in the input hashes; no client may take this name
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -88,8 +93,7 @@ class SafetensorsStreamWriter:
         header = self._header(metadata)
         self._header_len = len(header)
         self._f = open(self.path, "wb")
-        self._f.write(struct.pack("<Q", len(header)))
-        self._f.write(header)
+        self._write(struct.pack("<Q", len(header)) + header)
         self._next = 0
         self._written = 0
 
@@ -108,7 +112,7 @@ class SafetensorsStreamWriter:
         if name != expected_name or tensor.dtype != dtype or self._written + data.nbytes > end - begin:
             raise MergeError(f"internal: writer expected {expected_name} {shape} {dtype}, "
                              f"got {name} {tuple(tensor.shape)} {tensor.dtype}")
-        self._f.write(memoryview(data))
+        self._write(memoryview(data))
         self._written += data.nbytes
         if self._written == end - begin:
             self._next += 1
@@ -122,11 +126,24 @@ class SafetensorsStreamWriter:
         if len(header) != self._header_len:
             raise MergeError("internal: final safetensors header changed length")
         self._f.seek(8)
-        self._f.write(header)
-        self._f.close()
+        self._write(header)
+        try:
+            self._f.close()
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
+
+    def _write(self, data: bytes | memoryview) -> None:
+        """Write, naming this file in the error (ENOSPC, a file size limit, EIO carry no file name)."""
+        try:
+            self._f.write(data)
+        except OSError as exc:
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
 
     def abort(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError:  # the buffered tail could not be written either
+            pass
         self.path.unlink(missing_ok=True)
 
 
@@ -308,24 +325,27 @@ def _merge_checkpoints(client_names, readers, base, plan: MergePlan, out_file: P
     if strategy.needs_base and base is None:
         raise MergeError(f"strategy '{strategy.name}' works on deltas and needs a base model; "
                          "pass --base DIR or run the base stage (models/base)")
+    if BASE_KEY in client_names:
+        raise MergeError(f"client name {BASE_KEY!r} is reserved for the base model (its input hash, its evaluation); "
+                         "rename that client")
     names = validate_inputs(readers, base)
 
     hasher = ThreadPoolExecutor(max_workers=1)
     hashes: dict[str, Future] = {cn: hasher.submit(r.sha256) for cn, r in zip(client_names, readers)}
     if base is not None:
-        hashes["base"] = hasher.submit(base.sha256)
+        hashes[BASE_KEY] = hasher.submit(base.sha256)
 
     weights = list(plan.weights)
     module_weights = [(p, list(row)) for p, row in plan.module_weights]
-    is_krum = isinstance(strategy, Krum)
-    two_pass = plan.exclude or is_krum
+    pairwise = strategy.needs_distances
+    two_pass = plan.exclude or pairwise
     excluded = [False] * n
     selected: list[int] | None = None
     stats: ScreeningStats | None = None
     dt = plan.accumulate_dtype
     try:
         if two_pass:
-            stats = _stats_pass(names, readers, base, plan, pairwise=is_krum)
+            stats = _stats_pass(names, readers, base, plan, pairwise=pairwise)
             flags = flag_clients(stats, plan.max_cosine_distance, plan.max_norm_ratio)
             if plan.exclude:
                 excluded = [f is not None for f in flags]
@@ -333,9 +353,9 @@ def _merge_checkpoints(client_names, readers, base, plan: MergePlan, out_file: P
                 if stats.nonfinite[i] and not excluded[i]:
                     raise _nonfinite_error(readers[i], stats.first_nonfinite[i] or "?", stats.nonfinite[i])
             keep = [i for i in range(n) if not excluded[i]]
-            if is_krum:
+            if pairwise:
                 if stats.dist2 is None:  # pragma: no cover
-                    raise MergeError("internal: Krum needs pairwise distances")
+                    raise MergeError(f"internal: {strategy.name} needs pairwise distances")
                 sub = stats.dist2[keep][:, keep]
                 selected = [keep[j] for j in strategy.select(sub)]
                 keep = selected
@@ -366,14 +386,15 @@ def _merge_checkpoints(client_names, readers, base, plan: MergePlan, out_file: P
                     n_params += math.prod(shape)
                     continue
                 for rng in _ranges(math.prod(shape), strategy.elementwise):
-                    read_base = base is not None and (strategy.needs_base or not two_pass)
+                    # the base is also read where no client has a weight (kept as is), in either mode
+                    read_base = base is not None and (strategy.needs_base or not two_pass or not idx)
                     b = _read(base, name, rng, dt) if read_base else None
                     if not two_pass:  # screening statistics and non-finite checks in the same pass
                         if b is not None and (bad := count_nonfinite(b)):
                             raise _nonfinite_error(base, name, bad)
                         xs = [_read(r, name, rng, dt) for r in readers]
                         merged = _merge_one(strategy, [xs[i] for i in idx], [w_all[i] for i in idx], b, name,
-                                            plan, 0 if rng is None else rng[0])
+                                            plan, 0 if rng is None else rng[0], [client_names[i] for i in idx])
                         counts = stats.update(name, xs, b)  # consumes xs (deltas in place), after the merge
                         for i in idx:
                             if counts[i]:
@@ -381,9 +402,15 @@ def _merge_checkpoints(client_names, readers, base, plan: MergePlan, out_file: P
                     else:
                         xs = [_read(readers[i], name, rng, dt) for i in idx]
                         merged = _merge_one(strategy, xs, [w_all[i] for i in idx], b, name, plan,
-                                            0 if rng is None else rng[0])
+                                            0 if rng is None else rng[0], [client_names[i] for i in idx])
                     del xs, b
-                    writer.write(name, merged.to(out_dtype))
+                    merged = merged.to(out_dtype)
+                    if bad := count_nonfinite(merged):
+                        raise MergeError(
+                            f"merged tensor '{name}' has {bad} NaN/Inf values (strategy {strategy.name}); nothing "
+                            "was written. Check aggregation.lambda_ / weights and the inputs' scale, or a smaller "
+                            "out_dtype's range")
+                    writer.write(name, merged)
                     n_params += merged.numel()
                     del merged
             sha = {k: f.result() for k, f in hashes.items()}
@@ -442,7 +469,7 @@ def _copy_equal(name: str, readers: Sequence[CheckpointReader], excluded: Sequen
 
 
 def _merge_one(strategy: Strategy, xs: list[torch.Tensor], w: list[float], base: torch.Tensor | None,
-               name: str, plan: MergePlan, offset: int = 0) -> torch.Tensor:
+               name: str, plan: MergePlan, offset: int = 0, clients: Sequence[str] = ()) -> torch.Tensor:
     if not xs:
         if base is not None:  # every client has weight 0 for this module: keep the base
             return base
@@ -450,5 +477,5 @@ def _merge_one(strategy: Strategy, xs: list[torch.Tensor], w: list[float], base:
                          "give at least one client a positive weight for it")
     total = math.fsum(w)
     w = [wi / total for wi in w]
-    ctx = TensorContext(name=name, dtype=plan.accumulate_dtype, seed=plan.seed, offset=offset)
+    ctx = TensorContext(name=name, dtype=plan.accumulate_dtype, seed=plan.seed, offset=offset, clients=tuple(clients))
     return strategy.merge(xs, w, base, ctx)

@@ -5,16 +5,20 @@ Every strategy computes one output tensor from the matching tensors of N client 
 never passed in), and, for strategies on deltas, the base tensor ``base``. Arithmetic runs in ``ctx.dtype``
 (float32 or float64). Notation: ``x_i`` client tensors, ``b`` base, ``tau_i = x_i - b`` task vectors.
 
-A new strategy is one new class registered in ``STRATEGIES``.
+A new strategy is one new class with a ``@register(...)`` line: params validation (``check_strategy_name``),
+``make_strategy``, the engine (``needs_distances`` / ``select``), the params each strategy records as used, and the
+sweep (``scripts/sweep.py``) all derive from ``REGISTRY``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import ClassVar, Sequence
+from fractions import Fraction
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -30,11 +34,14 @@ class TensorContext:
     dtype: torch.dtype = torch.float32
     seed: int = 0
     offset: int = 0  # flat index of the first entry when the engine passes a chunk of the tensor
+    clients: tuple[str, ...] = ()  # identity (name) of each tensor in ``xs``, in order
 
     def generator(self, client: int) -> torch.Generator:
-        """A generator seeded from (seed, tensor name, chunk offset, client): the same drops whatever order the
-        tensors come in."""
-        digest = hashlib.sha256(f"{self.seed}\0{self.name}\0{self.offset}\0{client}".encode()).digest()
+        """A generator seeded from (seed, tensor name, chunk offset, client identity): the same drops whatever
+        order the tensors come in, and whichever other clients are merged or excluded (the identity is the
+        client's name, or its position when the caller gives no names)."""
+        ident = self.clients[client] if self.clients else str(client)
+        digest = hashlib.sha256(f"{self.seed}\0{self.name}\0{self.offset}\0{ident}".encode()).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
@@ -90,9 +97,16 @@ def normalise_weights(weights: Sequence[float], n: int, key: str = "aggregation.
             raise MergeError(f"{key}[{i}]: got {w!r}; every weight must be a finite number")
         if w < 0:
             raise MergeError(f"{key}[{i}]: got {w}; weights must be non-negative")
-    total = math.fsum(ws)
-    if total <= 0:
+    if max(ws) <= 0:
         raise MergeError(f"{key}: all weights are zero; give at least one client a positive weight")
+    try:
+        total = math.fsum(ws)
+    except OverflowError:  # e.g. [1e308] * 4: scale into [0, 1] first; only the ratios matter
+        ws = [float(w) / max(ws) for w in ws]
+        total = math.fsum(ws)
+    if math.isinf(total):
+        ws = [float(w) / max(ws) for w in ws]
+        total = math.fsum(ws)
     return [float(w) / total for w in ws]
 
 
@@ -111,15 +125,26 @@ def _require_base(name: str, base: torch.Tensor | None, ctx: TensorContext) -> t
     return base.to(ctx.dtype)
 
 
+def keep_count(density: float, numel: int) -> int:
+    """ceil(density * numel) in exact arithmetic on the decimal density as written (0.55 * 100 keeps 55, where the
+    float product 55.000000000000007 would keep 56)."""
+    return math.ceil(Fraction(repr(float(density))) * numel)
+
+
 def _topk_mask(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Mask keeping the ceil(density * numel) entries of largest |tau| (ties broken by position)."""
-    k = int(math.ceil(density * tau.numel()))
-    if k >= tau.numel():
+    """Mask keeping the ``keep_count(density, numel)`` entries of largest |tau|. Among entries of equal magnitude
+    at the cut, the lowest flat indices are kept (deterministic, unlike ``torch.topk``'s order)."""
+    numel = tau.numel()
+    k = keep_count(density, numel)
+    if k >= numel:
         return torch.ones_like(tau, dtype=torch.bool)
-    mask = torch.zeros(tau.numel(), dtype=torch.bool)
-    if k > 0:
-        idx = torch.topk(tau.abs().reshape(-1), k, sorted=False).indices
-        mask[idx] = True
+    if k <= 0:
+        return torch.zeros_like(tau, dtype=torch.bool)
+    mag = tau.abs().reshape(-1)
+    cut = torch.kthvalue(mag, numel - k + 1).values  # the k-th largest magnitude
+    mask = mag > cut
+    at_cut = torch.nonzero(mag == cut).reshape(-1)
+    mask[at_cut[: k - int(mask.sum())]] = True
     return mask.reshape(tau.shape)
 
 
@@ -140,27 +165,94 @@ def _sign_elect_mean(taus: Sequence[torch.Tensor], w: Sequence[float]) -> torch.
 
 
 class Strategy:
-    """One merge method. Subclasses set ``name`` and implement ``merge``."""
+    """One merge method. Subclasses set ``name`` and implement ``merge``; their dataclass fields are the
+    ``aggregation.*`` params they take (same names)."""
 
     name: ClassVar[str] = ""
     needs_base: ClassVar[bool] = False
     uses_weights: ClassVar[bool] = True
     elementwise: ClassVar[bool] = True  # output entry k depends only on entry k of the inputs (chunkable)
+    needs_distances: ClassVar[bool] = False  # a first pass computes pairwise distances, then ``select`` runs
 
     def merge(self, xs: Sequence[torch.Tensor], w: Sequence[float], base: torch.Tensor | None,
               ctx: TensorContext) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def select(self, dist2: np.ndarray) -> list[int]:  # pragma: no cover - only for needs_distances
+        """Indices of the clients to merge, given the pairwise squared distances (``needs_distances``)."""
         raise NotImplementedError
 
     def describe(self) -> dict:
         return {k: v for k, v in vars(self).items()}
 
 
+# How a registered strategy treats aggregation.weights / preset / module_weights:
+WEIGHTS_USED = "weights"  # they weigh the clients (else uniform)
+WEIGHTS_REFUSED = "refused"  # uniform by definition; setting them is a contradiction
+WEIGHTS_COUNTS = "counts"  # the clients' train sample counts (fedavg); setting them is a contradiction
+WEIGHTS_SELECT = "select"  # they only select clients (w > 0); the merge itself is unweighted
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """One ``aggregation.strategy`` value: the class that merges, and what the name fixes or adds."""
+
+    name: str
+    cls: type
+    weights: str = WEIGHTS_USED
+    fixed: tuple[tuple[str, Any], ...] = ()  # field values the name fixes (krum: m = 1)
+    extra_params: tuple[str, ...] = ()  # aggregation keys the engine reads for it (dare: seed)
+    sweep: tuple[str, ...] | None = ()  # extra `-S` overrides in scripts/sweep.py; None = not swept
+
+    @property
+    def params_used(self) -> tuple[str, ...]:
+        """The aggregation.* keys (besides weights/preset/module_weights) that take effect."""
+        fixed = dict(self.fixed)
+        return tuple(f.name for f in dataclasses.fields(self.cls) if f.name not in fixed) + self.extra_params
+
+    def build(self, params: Any = None, **overrides: Any) -> "Strategy":
+        """The strategy with its fields taken from ``params`` (e.g. AggregationParams) and ``overrides``."""
+        kwargs = {}
+        for f in dataclasses.fields(self.cls):
+            if f.name in overrides and overrides[f.name] is not None:
+                kwargs[f.name] = overrides[f.name]
+            elif params is not None and hasattr(params, f.name):
+                kwargs[f.name] = getattr(params, f.name)
+        kwargs.update(dict(self.fixed))
+        return self.cls(**kwargs)
+
+
+REGISTRY: dict[str, StrategySpec] = {}
+
+
+def register(name: str, *, weights: str = WEIGHTS_USED, fixed: dict[str, Any] | None = None,
+             extra_params: Sequence[str] = (), sweep: Sequence[str] | None = ()) -> Callable[[type], type]:
+    """Class decorator: make ``cls`` available as ``aggregation.strategy: name``."""
+
+    def add(cls: type) -> type:
+        if not dataclasses.is_dataclass(cls):
+            raise MergeError(f"internal: strategy {name!r}: {cls.__name__} must be a dataclass (its fields are its "
+                             "aggregation.* params)")
+        if name in REGISTRY:
+            raise MergeError(f"internal: strategy {name!r} registered twice")
+        REGISTRY[name] = StrategySpec(name, cls, weights, tuple(sorted((fixed or {}).items())), tuple(extra_params),
+                                      None if sweep is None else tuple(sweep))
+        return cls
+
+    return add
+
+
+# (decorators apply bottom-up: the registry, hence the params doc and the sweep, lists mean, uniform, fedavg)
+@register("fedavg", weights=WEIGHTS_COUNTS)
+@register("uniform", weights=WEIGHTS_REFUSED, sweep=None)
+@register("mean", sweep=None)  # swept through the ten presets
 @dataclass(frozen=True)
 class WeightedMean(Strategy):
     """Weighted mean: x = sum_i w_i x_i with sum_i w_i = 1.
 
-    ``uniform`` uses w_i = 1/N; ``mean`` uses ``weights`` or ``preset`` (else uniform); ``fedavg`` uses
-    w_i = n_i / sum_j n_j with n_i the client's training sample count (McMahan et al. 2017).
+    ``uniform`` uses w_i = 1/N (and refuses ``weights`` / ``preset``); ``mean`` uses ``weights`` or ``preset``
+    (else uniform); ``fedavg`` uses w_i = n_i / sum_j n_j with n_i the client's training sample count (McMahan et
+    al. 2017), from the checkpoint's metadata or prepare's manifest.
     """
 
     name: ClassVar[str] = "mean"
@@ -169,6 +261,7 @@ class WeightedMean(Strategy):
         return weighted_sum(xs, w, ctx.dtype)
 
 
+@register("task_arithmetic")
 @dataclass(frozen=True)
 class TaskArithmetic(Strategy):
     """Task arithmetic (Ilharco et al. 2023): x = b + lambda * sum_i w_i tau_i, tau_i = x_i - b.
@@ -186,11 +279,13 @@ class TaskArithmetic(Strategy):
         return b + self.lambda_ * tau
 
 
+@register("ties")
 @dataclass(frozen=True)
 class Ties(Strategy):
     """TIES-merging (Yadav et al. 2023).
 
-    1. trim: keep the top ``density`` fraction of each tau_i by magnitude, zero the rest;
+    1. trim: keep the k = ceil(density * numel) entries of each tau_i of largest magnitude (exact arithmetic; ties
+       at the cut keep the lowest flat indices), zero the rest;
     2. elect: gamma = sign(sum_i w_i tau_i);
     3. disjoint mean: tau = sum_i w_i tau_i [sign tau_i = gamma] / sum_i w_i [sign tau_i = gamma];
     x = b + lambda * tau.
@@ -219,10 +314,11 @@ def _dare(tau: torch.Tensor, density: float, gen: torch.Generator) -> torch.Tens
     return torch.where(keep, tau / density, 0.0)
 
 
+@register("dare_linear", extra_params=("seed",))
 @dataclass(frozen=True)
 class DareLinear(Strategy):
     """DARE (Yu et al. 2024) with a linear merge: tau_i' = m_i * tau_i / density, m_i ~ Bernoulli(density);
-    x = b + lambda * sum_i w_i tau_i'. The masks are seeded per (seed, tensor, client)."""
+    x = b + lambda * sum_i w_i tau_i'. The masks are seeded per (seed, tensor, client name)."""
 
     name: ClassVar[str] = "dare_linear"
     needs_base: ClassVar[bool] = True
@@ -235,6 +331,7 @@ class DareLinear(Strategy):
         return b + self.lambda_ * weighted_sum(taus, w, ctx.dtype)
 
 
+@register("dare_ties", extra_params=("seed",))
 @dataclass(frozen=True)
 class DareTies(Strategy):
     """DARE drop-and-rescale, then TIES sign election and disjoint mean:
@@ -252,6 +349,7 @@ class DareTies(Strategy):
         return b + self.lambda_ * _sign_elect_mean(taus, w)
 
 
+@register("median", weights=WEIGHTS_SELECT)
 @dataclass(frozen=True)
 class Median(Strategy):
     """Coordinate-wise median (FedMedian, Yin et al. 2018): x[k] = median_i x_i[k];
@@ -268,6 +366,7 @@ class Median(Strategy):
         return (s[n // 2 - 1] + s[n // 2]) / 2
 
 
+@register("trimmed_mean", weights=WEIGHTS_SELECT)
 @dataclass(frozen=True)
 class TrimmedMean(Strategy):
     """Coordinate-wise trimmed mean (FedTrimmedAvg, Yin et al. 2018): with k = floor(beta * N), sort the N values
@@ -291,6 +390,10 @@ class TrimmedMean(Strategy):
         return torch.stack(s[k:n - k]).mean(dim=0)
 
 
+# Krum needs n > 2f + 2 clients: with the four default clients the sweep sets f = 0 (Krum keeps the most central
+# client); Multi-Krum then averages the m = 2 most central ones (m = n - f would be the plain mean).
+@register("multi_krum", sweep=("aggregation.f=0", "aggregation.m=2"))
+@register("krum", fixed={"m": 1}, sweep=("aggregation.f=0",))
 @dataclass(frozen=True)
 class Krum(Strategy):
     """Krum (Blanchard et al. 2017). With d_ij = ||x_i - x_j||^2 over the whole model, the score of client i is
@@ -299,6 +402,7 @@ class Krum(Strategy):
     The engine computes d in a first streaming pass, calls ``select``, then merges the selected clients."""
 
     name: ClassVar[str] = "krum"
+    needs_distances: ClassVar[bool] = True
     f: int = 1
     m: int | None = 1
 
@@ -328,29 +432,17 @@ class Krum(Strategy):
         return weighted_sum(xs, w, ctx.dtype)
 
 
-STRATEGIES = ("mean", "uniform", "fedavg", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-              "median", "trimmed_mean", "krum", "multi_krum")
+STRATEGIES = tuple(REGISTRY)
 
 
-def make_strategy(name: str, *, density: float = 0.5, lambda_: float = 1.0, beta: float = 0.25, f: int = 1,
-                  m: int | None = None) -> Strategy:
-    """Build a strategy by its params name."""
-    if name in ("mean", "uniform", "fedavg"):
-        return WeightedMean()
-    if name == "task_arithmetic":
-        return TaskArithmetic(lambda_=lambda_)
-    if name == "ties":
-        return Ties(density=density, lambda_=lambda_)
-    if name == "dare_linear":
-        return DareLinear(density=density, lambda_=lambda_)
-    if name == "dare_ties":
-        return DareTies(density=density, lambda_=lambda_)
-    if name == "median":
-        return Median()
-    if name == "trimmed_mean":
-        return TrimmedMean(beta=beta)
-    if name == "krum":
-        return Krum(f=f, m=1)
-    if name == "multi_krum":
-        return Krum(f=f, m=m)
-    raise MergeError(f"aggregation.strategy: unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+def strategy_spec(name: str) -> StrategySpec:
+    """The registered strategy ``name``; MergeError naming aggregation.strategy otherwise."""
+    if name not in REGISTRY:
+        raise MergeError(f"aggregation.strategy: unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    return REGISTRY[name]
+
+
+def make_strategy(name: str, params: Any = None, **overrides: Any) -> Strategy:
+    """Build a strategy by its params name, its fields from ``params`` (AggregationParams) and/or keywords
+    (``density``, ``lambda_``, ``beta``, ``f``, ``m``; the ones it does not take are ignored)."""
+    return strategy_spec(name).build(params, **overrides)

@@ -81,10 +81,9 @@ def pad_labels(labels: Sequence[Sequence[int]]) -> torch.Tensor:
 class WhisperCollator:
     """Rows with ``audio`` (16 kHz float32) and ``text`` -> ``{"input_features", "labels"}``.
 
-    With ``encoder_cache`` (item id -> encoder output, see ``trainer.cache_encoder_outputs``) a batch whose ids are
-    all cached gets ``{"encoder_outputs", "labels"}`` instead, and the frozen encoder is not run again. With
-    ``cache_is_encoder_output=False`` the cache holds the output of the frozen lower encoder layers, and a cached
-    batch gets it as ``input_features`` (see ``trainer.use_cached_lower_encoder``).
+    With ``encoder_cache`` (item id -> encoder states, see ``encoder_cache.py``) a batch whose ids are all cached gets
+    ``{"encoder_outputs", "labels"}`` instead, the states wrapped in ``cached_states`` (default ``BaseModelOutput``:
+    the encoder's final output, so the model skips the encoder).
     """
 
     tokenizer: object
@@ -93,7 +92,7 @@ class WhisperCollator:
     decoder_start_token_id: int
     num_mel_bins: int = 80
     encoder_cache: Optional[dict[str, torch.Tensor]] = None
-    cache_is_encoder_output: bool = True
+    cached_states: Optional[type] = None
 
     def __call__(self, rows: Sequence[dict]) -> dict:
         labels = [label_ids(self.tokenizer, str(r["text"]), self.prefix, self.eot_id) for r in rows]
@@ -102,8 +101,6 @@ class WhisperCollator:
             from transformers.modeling_outputs import BaseModelOutput
 
             hidden = torch.stack([self.encoder_cache[str(r["id"])] for r in rows])
-            if not self.cache_is_encoder_output:
-                return {"input_features": hidden, "labels": labels}
-            return {"encoder_outputs": BaseModelOutput(last_hidden_state=hidden), "labels": labels}
+            return {"encoder_outputs": (self.cached_states or BaseModelOutput)(last_hidden_state=hidden), "labels": labels}
         audio = [np.array(r["audio"], dtype=np.float32) for r in rows]  # a copy: memory-mapped rows are read-only
         return {"input_features": log_mel_batch(audio, self.num_mel_bins), "labels": labels}
