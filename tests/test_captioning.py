@@ -254,3 +254,32 @@ def test_report_names_the_normaliser_language_and_task_used(tmp_path):
     assert ("Test-set WER (%) after Whisper's basic (multilingual) normaliser; decoded with language `de`, task "
             "`transcribe`, corpus-level") in markdown
     assert "English normaliser" not in markdown
+
+
+@pytest.mark.parametrize("backend", ["transformers", "openai-whisper", "ctranslate2"])
+def test_every_backend_prompts_translate_on_a_multilingual_model(tiny_random_multilingual_dir, backend):
+    """The decoder prompt each backend builds is <|startoftranscript|><|en|><|translate|><|notimestamps|>."""
+    from fedwhisper.decode.backends import DecodeOptions, open_backend
+
+    options = DecodeOptions(language="en", task="translate", max_new_tokens=3, device="cpu")
+    expected = ["<|startoftranscript|>", "<|en|>", "<|translate|>", "<|notimestamps|>"]
+    clip = (0.1 * np.sin(np.arange(8000) / 10)).astype(np.float32)
+    with open_backend(backend, tiny_random_multilingual_dir, options) as b:
+        if backend == "transformers":  # the decoder's first call receives the whole prompt
+            seen = []
+            hook = b.model.model.decoder.register_forward_pre_hook(
+                lambda module, args, kwargs: seen.append(kwargs["input_ids"][0].tolist()), with_kwargs=True)
+            b.decode_short([clip])
+            hook.remove()
+            prompt = b.tokenizer.convert_ids_to_tokens(seen[0])
+        elif backend == "openai-whisper":
+            from whisper.decoding import DecodingTask
+
+            task = DecodingTask(b.model, b.decoding)
+            prompt = [task.tokenizer.decode_with_timestamps([t]) for t in task.initial_tokens]
+        else:
+            tokenizer, _ = b._transcription_options()
+            ids = b.model.get_prompt(tokenizer, [], without_timestamps=True)
+            prompt = [b.model.hf_tokenizer.id_to_token(i) for i in ids]
+        assert prompt == expected
+        assert isinstance(b.decode_short([clip])[0], str)
