@@ -33,6 +33,7 @@ from make_sample_corpus import (  # noqa: E402  (the English corpus script, next
     TARGET_SR,
     CorpusError,
     Encoding,
+    check_pools,
     directory_bytes,
     encode,
     espeak_version,
@@ -164,13 +165,7 @@ def check_sentences(train: tuple[str, ...], test: tuple[str, ...]) -> None:
     for sentence in train + test:
         if not allowed.match(sentence) or not 5 <= len(sentence.split()) <= 14:
             raise CorpusError(f"sentence {sentence!r}: needs 5-14 plain words, letters, commas and final . or ?")
-    for pool, name in ((train, "train"), (test, "test")):
-        repeated = [s for s, n in Counter(pool).items() if n > 1]
-        if repeated:
-            raise CorpusError(f"{name} pool repeats {repeated}")
-    shared = set(train) & set(test)
-    if shared:
-        raise CorpusError(f"sentences in both train and test pools: {sorted(shared)}")
+    check_pools(train, test)
     for letter in "äöüß":
         if not any(letter in s.lower() for s in train) or not any(letter in s.lower() for s in test):
             raise CorpusError(f"both pools must use {letter!r}, so normalisation of it is tested")
