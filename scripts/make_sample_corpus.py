@@ -314,6 +314,11 @@ def check_sentences(train: tuple[str, ...], test: tuple[str, ...]) -> None:
         words = len(sentence.split())
         if not allowed.match(sentence) or not 6 <= words <= 16:
             raise CorpusError(f"sentence {sentence!r}: needs 6-16 plain words, letters, commas and final . or ?")
+    check_pools(train, test)
+
+
+def check_pools(train: tuple[str, ...], test: tuple[str, ...]) -> None:
+    """No sentence twice in a pool, none in both (test WER is on sentences never trained on)."""
     for pool, name in ((train, "train"), (test, "test")):
         repeated = [s for s, n in Counter(pool).items() if n > 1]
         if repeated:

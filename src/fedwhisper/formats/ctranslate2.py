@@ -12,6 +12,7 @@ A string is a uint16 length that counts a trailing NUL, then the bytes. dtype: 0
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import re
 import shutil
 import struct
 from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,17 +36,28 @@ _DTYPES = {0: torch.float32, 1: torch.int8, 2: torch.int16, 3: torch.int32, 4: t
 class _Reader:
     """Sequential reads from the file, so peak memory is the tensors themselves, not the file plus copies."""
 
-    def __init__(self, f, path: Path):
-        self.f, self.path = f, path
+    def __init__(self, f, path: Path, size: int):
+        self.f, self.path, self.size = f, path, size
 
     def take(self, n: int) -> bytes:
         data = self.f.read(n)
         if len(data) != n:
-            raise CheckpointError(
-                f"{self.path}: truncated CTranslate2 model.bin (needs {n} bytes at offset {self.f.tell() - len(data)}, "
-                "the file ends first); re-convert or re-download the model"
-            )
+            self._truncated(n, len(data))
         return data
+
+    def take_into(self, n: int) -> bytearray:
+        """``n`` bytes read straight into a new writable buffer (no intermediate bytes object)."""
+        buf = bytearray(n)
+        got = self.f.readinto(buf)
+        if got != n:
+            self._truncated(n, got or 0)
+        return buf
+
+    def _truncated(self, n: int, got: int) -> None:
+        raise CheckpointError(
+            f"{self.path}: truncated CTranslate2 model.bin (needs {n} bytes at offset {self.f.tell() - got}, "
+            "the file ends first); re-convert or re-download the model"
+        )
 
     def unpack(self, fmt: str):
         return struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt)))
@@ -55,10 +68,45 @@ class _Reader:
         return raw[:-1].decode("utf-8") if raw.endswith(b"\0") else raw.decode("utf-8")
 
     def at_end(self) -> bool:
-        here = self.f.tell()
-        end = self.f.seek(0, os.SEEK_END)
-        self.f.seek(here)
-        return here >= end
+        return self.f.tell() >= self.size
+
+
+class ConcatenatedFile(io.RawIOBase):
+    """Read-only, forward-only view of several files as one (a ``model.bin`` shipped in parts), streamed part by
+    part: no part is held in memory, and a read that crosses a part boundary continues in the next part."""
+
+    def __init__(self, parts: Sequence[Path]):
+        super().__init__()
+        self.parts = [Path(p) for p in parts]
+        self.size = sum(p.stat().st_size for p in self.parts)
+        self._index, self._pos, self._f = 0, 0, None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        view = memoryview(buf).cast("B")
+        done = 0
+        while done < len(view) and self._index < len(self.parts):
+            if self._f is None:
+                self._f = self.parts[self._index].open("rb")
+            got = self._f.readinto(view[done:])
+            if not got:
+                self._f.close()
+                self._f, self._index = None, self._index + 1
+                continue
+            done += got
+        self._pos += done
+        return done
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+        super().close()
 
 
 def _read_variable(r: _Reader, version: int, path: Path) -> tuple[str, torch.Tensor]:
@@ -80,19 +128,30 @@ def _read_variable(r: _Reader, version: int, path: Path) -> tuple[str, torch.Ten
         )
     if not nbytes:
         return name, torch.empty(dims, dtype=dtype)
-    return name, torch.frombuffer(bytearray(r.take(nbytes)), dtype=dtype).reshape(dims)
+    return name, torch.frombuffer(r.take_into(nbytes), dtype=dtype).reshape(dims)
 
 
-def read_ct2_model_bin(path: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
-    """Parse a CTranslate2 ``model.bin``: (spec name, {variable name: tensor}); aliases resolve to their target."""
+def read_ct2_model_bin(
+    path: str | Path, parts: Optional[Sequence[Path]] = None
+) -> tuple[str, dict[str, torch.Tensor]]:
+    """Parse a CTranslate2 ``model.bin``: (spec name, {variable name: tensor}); aliases resolve to their target.
+
+    ``parts``: the file is shipped split; these files are read in order as one stream, and ``path`` only names it in
+    errors.
+    """
     path = Path(path)
     try:
-        f = path.open("rb")
+        if parts is None:
+            f = io.BufferedReader(io.FileIO(path, "rb"))
+            size = os.fstat(f.fileno()).st_size
+        else:
+            f = ConcatenatedFile(parts)
+            size = f.size
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read CTranslate2 model.bin ({exc.strerror})") from None
+        raise CheckpointError(f"{exc.filename or path}: cannot read CTranslate2 model.bin ({exc.strerror})") from None
     out: dict[str, torch.Tensor] = {}
     with f:
-        r = _Reader(f, path)
+        r = _Reader(f, path, size)
         (version,) = r.unpack("I")
         if not 1 <= version <= 6:
             raise CheckpointError(
@@ -221,21 +280,28 @@ def _lang_to_id(lang_ids: list[int], tokenizer, where: Path) -> dict[str, int]:
     return {t: int(i) for i, t in zip(lang_ids, tokens)}
 
 
-def import_ctranslate2(ct2_dir: str | Path, out_dir: str | Path) -> Path:
+def import_ctranslate2(
+    ct2_dir: str | Path, out_dir: str | Path, model_bin_parts: Optional[Sequence[Path]] = None
+) -> Path:
     """Convert a CTranslate2 / faster-whisper directory to the canonical HF directory (float32 weights).
 
     The generation config takes suppress ids, begin-suppress ids and alignment heads from the model's
     ``config.json``; the tokenizer is built from its ``tokenizer.json`` (or openai-whisper's assets when absent).
+    ``model_bin_parts``: ``model.bin`` is shipped split; these files, in order, are streamed as one.
     """
     from fedwhisper.formats import hf
     from fedwhisper.formats.openai_whisper import dims_to_hf_config
 
     src = Path(ct2_dir)
-    spec, variables = read_ct2_model_bin(src / "model.bin")
+    model_bin = src / "model.bin"
+    if model_bin_parts:  # errors name the parts: ".../model.bin.part1+model.bin.part2"
+        first, *rest = (Path(part) for part in model_bin_parts)
+        model_bin = Path("+".join([str(first)] + [part.name for part in rest]))
+    spec, variables = read_ct2_model_bin(model_bin, parts=model_bin_parts)
     if spec and spec != "WhisperSpec":
-        raise CheckpointError(f"{src / 'model.bin'}: CTranslate2 spec is {spec!r}, not a Whisper model")
-    dims = ct2_dims(variables, src / "model.bin")
-    state = ct2_to_hf_state(variables, src / "model.bin", dims)
+        raise CheckpointError(f"{model_bin}: CTranslate2 spec is {spec!r}, not a Whisper model")
+    dims = ct2_dims(variables, model_bin)
+    state = ct2_to_hf_state(variables, model_bin, dims)
     config = dims_to_hf_config(dims)
     multilingual, num_languages = hf.vocab_layout(dims["n_vocab"])
     tok_json = src / "tokenizer.json"
