@@ -43,6 +43,17 @@ def make_tiny_random_dir(out: Path, multilingual: bool, seed: int = 0) -> Path:
     return hf.write_whisper_dir(model, config, out, tokenizer_from=tokenizer)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_hash_cache(tmp_path_factory):
+    """Keep the sha256 cache of the test session (and of the stages it runs) out of the user's cache dir."""
+    if "FEDWHISPER_HASH_CACHE" not in os.environ:
+        os.environ["FEDWHISPER_HASH_CACHE"] = str(tmp_path_factory.mktemp("hash_cache") / "sha256.sqlite")
+        yield
+        del os.environ["FEDWHISPER_HASH_CACHE"]
+    else:
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_random_dir(tmp_path_factory) -> Path:
     """English-only random tiny Whisper (vocab 51864, real tiny.en token layout), seed 0."""

@@ -31,6 +31,7 @@ from typing import Any, Iterable
 import torch
 
 from fedwhisper.errors import CheckpointError
+from fedwhisper.hash_cache import cached_sha256
 from fedwhisper.formats.naming import canonical_name
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -138,7 +139,8 @@ class CheckpointReader:
         return self.read(name).reshape(-1)[start:stop].clone()
 
     def sha256(self) -> str:
-        return sha256_file(self.weight_files)
+        """sha256 of the weight files concatenated; from the hash cache while their path and stat are unchanged."""
+        return cached_sha256(self.weight_files, sha256_file)
 
     def close(self) -> None:
         pass
