@@ -48,8 +48,13 @@ def cache_path() -> Path | None:
     env = os.environ.get(ENV)
     if env is not None:
         return None if env.strip().lower() in ("off", "0", "none", "") else Path(env).expanduser()
+    return user_cache_dir() / "sha256.sqlite"
+
+
+def user_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/fedwhisper`` (``~/.cache/fedwhisper``): per-user caches, outside any repository."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "fedwhisper" / "sha256.sqlite"
+    return Path(root) / "fedwhisper"
 
 
 def counts() -> dict[str, int]:
