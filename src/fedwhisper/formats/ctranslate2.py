@@ -295,7 +295,7 @@ def export_ctranslate2(hf_dir: str | Path, out_dir: str | Path, quantization: st
 # Bump when export_ctranslate2 changes what it writes, so that older cached conversions are not reused.
 CT2_CACHE_FORMAT = 1
 CT2_CACHE_ENV = "FEDWHISPER_CT2_CACHE"
-CT2_CACHE_KEEP = 4
+CT2_CACHE_KEEP = 3  # base and merged model of a pipeline run, plus one; each is a full fp32 copy of a model
 
 
 def ct2_cache_root() -> Path | None:
