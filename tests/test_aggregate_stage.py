@@ -173,6 +173,7 @@ def test_external_mode_with_dvc_add_and_no_finetune(tmp_path, tiny_random_dir, b
     shutil.copyfile(ROOT / "src" / "fedwhisper" / "formats" / "checkpoints.py",
                     proj / "src" / "fedwhisper" / "formats" / "checkpoints.py")
     shutil.copyfile(ROOT / "src" / "fedwhisper" / "atomic.py", proj / "src" / "fedwhisper" / "atomic.py")
+    shutil.copyfile(ROOT / "src" / "fedwhisper" / "hash_cache.py", proj / "src" / "fedwhisper" / "hash_cache.py")
     names = ["eager-haze-6", "hearty-bee-7", "smart-smoke-5", "wandering-river-4"]  # sorted, as the stage sorts
     states = [client_state(base_state, s) for s in range(4)]
     (proj / "checkpoints").mkdir()
