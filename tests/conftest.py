@@ -43,6 +43,20 @@ def make_tiny_random_dir(out: Path, multilingual: bool, seed: int = 0) -> Path:
     return hf.write_whisper_dir(model, config, out, tokenizer_from=tokenizer)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_hash_cache(tmp_path_factory):
+    """Keep the sha256 and CTranslate2 caches of the test session (and of the stages it runs) out of the user's
+    cache dir."""
+    caches = {"FEDWHISPER_HASH_CACHE": "sha256.sqlite", "FEDWHISPER_CT2_CACHE": "ctranslate2"}
+    root = tmp_path_factory.mktemp("user_cache")
+    ours = [key for key in caches if key not in os.environ]
+    for key in ours:
+        os.environ[key] = str(root / caches[key])
+    yield
+    for key in ours:
+        del os.environ[key]
+
+
 @pytest.fixture(scope="session")
 def tiny_random_dir(tmp_path_factory) -> Path:
     """English-only random tiny Whisper (vocab 51864, real tiny.en token layout), seed 0."""

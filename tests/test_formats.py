@@ -419,3 +419,48 @@ def test_sha256_file_read_errors_reach_the_caller(tmp_path):
     with pytest.raises(IsADirectoryError):
         sha256_file(tmp_path, chunk=1000)
     assert threading.active_count() == threads
+
+
+def test_ct2_conversion_is_cached_by_content(tiny_random_dir, tmp_path, monkeypatch):
+    """The second conversion of an unchanged directory is reused (the converter does not run); a changed weight
+    file, another quantization or a copy of the directory elsewhere get the right conversion; only the most recently
+    used conversions are kept."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from fedwhisper.formats import ctranslate2 as ct2
+
+    monkeypatch.setenv(ct2.CT2_CACHE_ENV, str(tmp_path / "ct2-cache"))
+    calls = []
+
+    def counting_export(src, out, quantization="float32"):
+        calls.append((Path(src), quantization))
+        return export_ctranslate2(src, out, quantization=quantization)
+
+    monkeypatch.setattr(ct2, "export_ctranslate2", counting_export)
+    first = ct2.cached_ctranslate2_export(tiny_random_dir)
+    assert (first / "model.bin").is_file() and (first / "tokenizer.json").is_file() and len(calls) == 1
+    assert ct2.cached_ctranslate2_export(tiny_random_dir) == first and len(calls) == 1
+
+    copy = shutil.copytree(tiny_random_dir, tmp_path / "copy")
+    assert ct2.cached_ctranslate2_export(copy) == first and len(calls) == 1  # same content, same conversion
+    f16 = ct2.cached_ctranslate2_export(copy, quantization="float16")
+    assert f16 != first and len(calls) == 2
+
+    state = load_file(copy / "model.safetensors")
+    state["model.decoder.layer_norm.weight"] = state["model.decoder.layer_norm.weight"] + 1
+    (copy / "model.safetensors").unlink()
+    save_file(state, str(copy / "model.safetensors"), metadata={"format": "pt"})
+    changed = ct2.cached_ctranslate2_export(copy)
+    assert changed not in (first, f16) and len(calls) == 3
+    assert (changed / "model.bin").read_bytes() != (first / "model.bin").read_bytes()
+
+    monkeypatch.setattr(ct2, "CT2_CACHE_KEEP", 2)
+    os.utime(first, (1, 1))  # least recently used
+    ct2.cached_ctranslate2_export(copy)
+    assert not first.exists() and f16.exists() and changed.exists()
+    assert sorted(p.name for p in (tmp_path / "ct2-cache").iterdir()) == sorted([f16.name, changed.name])
+
+    monkeypatch.setenv(ct2.CT2_CACHE_ENV, "off")
+    assert ct2.cached_ctranslate2_export(copy) is None

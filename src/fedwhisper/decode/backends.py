@@ -88,7 +88,9 @@ class TransformersBackend(Backend):
 
     def __init__(self, model_dir: str | Path, options: DecodeOptions):
         super().__init__(model_dir, options)
-        from transformers import AutoTokenizer, WhisperForConditionalGeneration
+        from transformers import AutoTokenizer
+
+        from fedwhisper.formats.hf import load_whisper_model
 
         dtype = _TORCH_DTYPES.get(options.compute_type, torch.float16 if self.device == "cuda" else torch.float32)
         if options.compute_type not in _TORCH_DTYPES and options.compute_type != "default":
@@ -103,9 +105,7 @@ class TransformersBackend(Backend):
                 "transcript would be empty; re-write the model directory with fedwhisper.formats.hf (stages/base.py)"
             )
         try:
-            self.model = WhisperForConditionalGeneration.from_pretrained(
-                self.model_dir, attn_implementation="sdpa", dtype=dtype
-            ).to(self.device).eval()
+            self.model = load_whisper_model(self.model_dir, attn_implementation="sdpa", dtype=dtype).to(self.device).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{self.model_dir}: cannot load the HF Whisper model ({exc})") from None
@@ -181,7 +181,8 @@ class OpenAIWhisperBackend(Backend):
 
 
 class CTranslate2Backend(Backend):
-    """CTranslate2's converter into a temporary directory, then faster-whisper's batched pipeline."""
+    """CTranslate2's converter (its output cached by the model directory's content, see
+    ``formats.ctranslate2.cached_ctranslate2_export``), then faster-whisper's batched pipeline."""
 
     name = "ctranslate2"
 
@@ -190,7 +191,7 @@ class CTranslate2Backend(Backend):
         import ctranslate2
         from faster_whisper import BatchedInferencePipeline, WhisperModel
 
-        from fedwhisper.formats.ctranslate2 import export_ctranslate2
+        from fedwhisper.formats.ctranslate2 import cached_ctranslate2_export, export_ctranslate2
 
         if self.device == "cuda" and ctranslate2.get_cuda_device_count() == 0:
             self.device = "cpu"
@@ -199,18 +200,22 @@ class CTranslate2Backend(Backend):
                 f"{self.model_dir}: no tokenizer.json, which faster-whisper needs; re-write the model directory "
                 "with fedwhisper.formats.hf (stages/base.py) or use another evaluate.backend"
             )
-        tmp = Path(tempfile.mkdtemp(prefix="fedwhisper-ct2-"))
+        tmp = None
         try:
-            export_ctranslate2(self.model_dir, tmp / "model", quantization="float32")
+            ct2_dir = cached_ctranslate2_export(self.model_dir, quantization="float32")  # reused while unchanged
+            if ct2_dir is None:  # cache off: convert into a temporary directory
+                tmp = Path(tempfile.mkdtemp(prefix="fedwhisper-ct2-"))
+                ct2_dir = export_ctranslate2(self.model_dir, tmp / "model", quantization="float32")
             compute_type = options.compute_type
             if compute_type == "default":
                 compute_type = "float16" if self.device == "cuda" else "float32"
-            self.model = WhisperModel(str(tmp / "model"), device=self.device, compute_type=compute_type,
+            self.model = WhisperModel(str(ct2_dir), device=self.device, compute_type=compute_type,
                                       cpu_threads=torch.get_num_threads())
         except (ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{self.model_dir}: CTranslate2 conversion or loading failed ({exc})") from None
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
         if self.device == "cpu":  # faster-whisper's pipeline calls model.encode: route it window by window
             self.model.encode = functools.partial(_encode_window_by_window, self.model)
         self.pipeline = BatchedInferencePipeline(self.model)

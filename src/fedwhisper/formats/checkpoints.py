@@ -34,6 +34,7 @@ from fedwhisper.errors import CheckpointError
 from fedwhisper.formats.hf import index_shards
 from fedwhisper.formats.naming import canonical_name
 from fedwhisper.formats.openai_whisper import load_torch_checkpoint
+from fedwhisper.hash_cache import cached_sha256
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -140,7 +141,8 @@ class CheckpointReader:
         return self.read(name).reshape(-1)[start:stop].clone()
 
     def sha256(self) -> str:
-        return sha256_file(self.weight_files)
+        """sha256 of the weight files concatenated; from the hash cache while their path and stat are unchanged."""
+        return cached_sha256(self.weight_files, sha256_file)
 
     def close(self) -> None:
         pass

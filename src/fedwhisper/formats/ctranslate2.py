@@ -12,6 +12,7 @@ A string is a uint16 length that counts a trailing NUL, then the bytes. dtype: 0
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -354,4 +355,72 @@ def export_ctranslate2(hf_dir: str | Path, out_dir: str | Path, quantization: st
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     log.info("exported %s -> CTranslate2 %s (%s)", src, out, quantization)
+    return out
+
+
+# Bump when export_ctranslate2 changes what it writes, so that older cached conversions are not reused.
+CT2_CACHE_FORMAT = 1
+CT2_CACHE_ENV = "FEDWHISPER_CT2_CACHE"
+CT2_CACHE_KEEP = 3  # base and merged model of a pipeline run, plus one; each is a full fp32 copy of a model
+
+
+def ct2_cache_root() -> Path | None:
+    """Where converted models are kept: ``$FEDWHISPER_CT2_CACHE`` (``off`` disables), else ``ctranslate2/`` next to
+    the sha256 cache (``~/.cache/fedwhisper/ctranslate2``)."""
+    from fedwhisper.hash_cache import user_cache_dir
+
+    env = os.environ.get(CT2_CACHE_ENV)
+    if env is not None:
+        return None if env.strip().lower() in ("off", "0", "none", "") else Path(env).expanduser()
+    return user_cache_dir() / "ctranslate2"
+
+
+def ct2_cache_key(hf_dir: str | Path, quantization: str) -> str:
+    """sha256 over every file of ``hf_dir`` (names and contents, from the hash cache when unchanged), the
+    quantization and the CTranslate2 version: the same key means the same conversion."""
+    import ctranslate2
+
+    from fedwhisper.formats.checkpoints import sha256_file
+    from fedwhisper.hash_cache import cached_sha256
+
+    src = Path(hf_dir)
+    files = sorted(p for p in src.iterdir() if p.is_file())
+    parts = {"format": CT2_CACHE_FORMAT, "ctranslate2": ctranslate2.__version__, "quantization": quantization,
+             "files": [[p.name, cached_sha256(p, sha256_file)] for p in files]}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def cached_ctranslate2_export(hf_dir: str | Path, quantization: str = "float32") -> Path | None:
+    """The CTranslate2 conversion of ``hf_dir``, converted once and then reused while the directory's files are
+    unchanged (keyed by ``ct2_cache_key``); None when the cache is off.
+
+    Each conversion is written to a temporary sibling and renamed into place; when another process got there first,
+    its copy is kept and ours dropped (a rename onto a non-empty directory fails), so a reader never sees a
+    directory replaced under it. The ``CT2_CACHE_KEEP`` most recently used conversions are kept, older ones removed.
+    """
+    root = ct2_cache_root()
+    if root is None:
+        return None
+    out = root / ct2_cache_key(hf_dir, quantization)
+    if (out / "model.bin").is_file():
+        log.info("CTranslate2 conversion of %s: reused %s", hf_dir, out)
+    else:
+        from fedwhisper.atomic import remove_stale_siblings
+
+        root.mkdir(parents=True, exist_ok=True)
+        remove_stale_siblings(out)
+        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+        export_ctranslate2(hf_dir, tmp, quantization=quantization)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not (out / "model.bin").is_file():
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process converted the same model first
+    os.utime(out)  # most recently used
+    entries = sorted((p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"[0-9a-f]{64}", p.name)),
+                     key=lambda p: p.stat().st_mtime, reverse=True)
+    for stale in entries[CT2_CACHE_KEEP:]:
+        shutil.rmtree(stale, ignore_errors=True)
     return out
