@@ -2,6 +2,8 @@
 and weights apply in; W&B logging of the aggregate."""
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -127,8 +129,7 @@ def test_base_strategies_say_base_is_required_and_other_inputs_need_a_tokenizer(
 def test_folder_with_weights_needs_an_explicit_order(tmp_path, states, tiny_random_dir):
     """External mode: a folder has no order; weights over it are refused with the sorted order and the fix shown, and
     aggregation.checkpoints gives the order, which is recorded."""
-    shutil_copy = __import__("shutil").copytree
-    shutil_copy(tiny_random_dir, tmp_path / "models" / "base")
+    shutil.copytree(tiny_random_dir, tmp_path / "models" / "base")
     pts = _write_pts(tmp_path / "checkpoints", states)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["aggregation"].update({"source": "checkpoints", "preset": _preset_with_distinct_weights()})
@@ -158,8 +159,6 @@ def test_folder_with_weights_needs_an_explicit_order(tmp_path, states, tiny_rand
 
 
 def test_wandb_offline_run_holds_the_aggregate_metrics(tmp_path, states):
-    import os
-
     pts = _write_pts(tmp_path / "ckpt", states[:2])
     env = dict(os.environ, WANDB_MODE="offline", WANDB_API_KEY="dummy", WANDB_SILENT="true",
                WANDB_DIR=str(tmp_path / "wb"), WANDB_CONFIG_DIR=str(tmp_path / "wb_config"),
