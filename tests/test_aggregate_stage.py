@@ -164,12 +164,13 @@ def _dvc(cwd, *args):
 
 def test_external_mode_with_dvc_add_and_no_finetune(tmp_path, tiny_random_dir, base_state):
     """A user holding only partners' checkpoints (seed 000's checkpoints/ folder) runs aggregate under DVC."""
-    proj = project(tmp_path, tiny_random_dir, {"source": "checkpoints", "preset": "bias_best_light"})
+    names = ["wandering-river-4", "smart-smoke-5", "hearty-bee-7", "eager-haze-6"]  # the seed's order, not sorted
+    proj = project(tmp_path, tiny_random_dir, {"source": "checkpoints", "preset": "bias_best_light",
+                                               "checkpoints": [f"checkpoints/{n}.pt" for n in names]})
     shutil.copyfile(ROOT / "dvc.yaml", proj / "dvc.yaml")
     shutil.copytree(ROOT / "stages", proj / "stages")
     shutil.copytree(ROOT / "src" / "fedwhisper", proj / "src" / "fedwhisper",
                     ignore=shutil.ignore_patterns("__pycache__"))  # the stage's deps
-    names = ["eager-haze-6", "hearty-bee-7", "smart-smoke-5", "wandering-river-4"]  # sorted, as the stage sorts
     states = [client_state(base_state, s) for s in range(4)]
     (proj / "checkpoints").mkdir()
     for name, s in zip(names, states):
@@ -183,6 +184,7 @@ def test_external_mode_with_dvc_add_and_no_finetune(tmp_path, tiny_random_dir, b
     _dvc(proj, "repro", "-s", "aggregate")
     m = json.loads((proj / "metrics" / "aggregate.json").read_text())
     assert [m[f"weight/{n}"] for n in names] == [0.4, 0.3, 0.2, 0.1]
+    assert m["client_order"] == ",".join(names) and m["client_order_source"] == "aggregation.checkpoints"
     torch.testing.assert_close(load_file(str(proj / "models" / "aggregated" / "model.safetensors"))[K],
                                sum(w * s[K] for w, s in zip([0.4, 0.3, 0.2, 0.1], states)))
     shown = _dvc(proj, "metrics", "show", "--json")

@@ -303,6 +303,7 @@ class TorchReader(CheckpointReader):
                 "tensors, or {'dims', 'model_state_dict'}"
             )
         dims = obj.get("dims") if isinstance(obj, dict) else None
+        self.openai_dims = dict(dims) if isinstance(dims, dict) else None  # None: a bare state dict
         if isinstance(dims, dict):
             self.arch = {k: int(v) for k, v in dims.items() if k in _DIMS_FROM_CONFIG}
         if isinstance(obj, dict):

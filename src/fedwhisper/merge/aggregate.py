@@ -75,6 +75,18 @@ def external_checkpoints(src: Path) -> list[Path]:
     return paths
 
 
+def refuse_unordered_weights(agg: AggregationParams, src: Path, paths: Sequence[Path]) -> None:
+    """A folder has no order of its own: per-client weights (preset, weights, module_weights) over a folder would
+    apply in whatever order its names sort to, silently. Ask for the order in aggregation.checkpoints instead."""
+    given = [k for k, v in (("aggregation.preset", agg.preset), ("aggregation.weights", agg.weights),
+                            ("aggregation.module_weights", agg.module_weights or None)) if v is not None]
+    if given:
+        listed = ", ".join(str(p) for p in paths)
+        raise MergeError(f"{' and '.join(given)} apply per client in order, but aggregation.source: {src} is a folder "
+                         f"and gives no order (sorted by name it would be: {listed}); list the checkpoints in the "
+                         f"order the weights apply with aggregation.checkpoints: [{listed}] (or --checkpoints)")
+
+
 def resolve_inputs(agg: AggregationParams, clients: Sequence[str], checkpoints: Sequence[str] | None = None,
                    names: Sequence[str] | None = None) -> tuple[list[str], list[Path]]:
     """(client names, paths) to merge: explicit ``checkpoints`` (CLI, then params), else ``source/<client>`` for
@@ -102,6 +114,7 @@ def resolve_inputs(agg: AggregationParams, clients: Sequence[str], checkpoints: 
         paths = external_checkpoints(src)
         if not paths:
             raise CheckpointError(f"aggregation.source: {src} holds no checkpoints (.pt, .safetensors or HF dirs)")
+        refuse_unordered_weights(agg, src, paths)
     if names:
         names = list(names)
         if len(names) != len(paths):
@@ -116,6 +129,17 @@ def resolve_inputs(agg: AggregationParams, clients: Sequence[str], checkpoints: 
         raise MergeError(f"client name {BASE_KEY!r} ({paths[names.index(BASE_KEY)]}) is reserved for the base model; "
                          "rename the client (or pass --names)")
     return names, paths
+
+
+def input_order_source(agg: AggregationParams, checkpoints: Sequence[str] | None) -> str:
+    """Where the order of the inputs (the order weights and presets apply in) came from, for the log and metrics."""
+    if checkpoints:
+        return "--checkpoints"
+    if agg.checkpoints:
+        return "aggregation.checkpoints"
+    if Path(agg.source) == Path(DEFAULT_SOURCE):
+        return "clients"
+    return f"aggregation.source folder {agg.source}, sorted by name (unweighted)"
 
 
 def manifest_train_samples(manifest: Path | None, name: str) -> int | None:
@@ -251,6 +275,25 @@ def export_openai(hf_dir: Path, out_path: Path) -> None:
     tmp = out_path.parent / f"{out_path.name}.tmp-{os.getpid()}"
     torch.save({"dims": dims, "model_state_dict": state}, tmp)
     tmp.replace(out_path)
+
+
+def write_openai_pt(merged: Path, out_path: Path, dims: dict[str, Any] | None) -> None:
+    """The merged safetensors (canonical names) as an openai-whisper ``.pt`` with openai names: a bare state dict
+    when ``dims`` is None (what the seed's average_runner writes), else ``{"dims", "model_state_dict"}``, which
+    ``whisper.load_model`` loads. The safetensors file is removed once the ``.pt`` is written."""
+    from safetensors.torch import load_file
+
+    from fedwhisper.formats.naming import hf_to_openai
+
+    state = {hf_to_openai(name): t for name, t in load_file(str(merged)).items()}
+    tmp = out_path.with_name(f"{out_path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(state if dims is None else {"dims": dims, "model_state_dict": state}, tmp)
+        os.replace(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    merged.unlink()
 
 
 def metrics_from_report(report: MergeReport, all_names: Sequence[str], raw_weights: Sequence[float],
@@ -405,6 +448,9 @@ def aggregate(params: Params, *, checkpoints: Sequence[str] | None = None, names
     spec = strategy_spec(agg.strategy)
     all_names, all_paths = resolve_inputs(agg, params.clients, checkpoints, names)
     n = len(all_names)
+    order_source = input_order_source(agg, checkpoints)
+    log.info("aggregate: client order (%s): %s", order_source,
+             ", ".join(f"{nm}={p}" for nm, p in zip(all_names, all_paths)))
     out = Path(out_dir)
     metrics_file = Path(metrics_path) if metrics_path else None
     base_path = Path(base_dir) if base_dir else None
@@ -431,17 +477,29 @@ def aggregate(params: Params, *, checkpoints: Sequence[str] | None = None, names
             agg, all_names, lambda i: _sample_count(reader(i), all_paths[i], all_names[i], manifest_path))
         active = [i for i in range(n) if weights[i] > 0 or any(row[i] > 0 for _, row in module_weights)]
         if base_path is not None and not base_path.exists():
+            without = ", ".join(k for k, sp in REGISTRY.items() if not sp.cls.needs_base)
             if strategy.needs_base:
-                raise CheckpointError(f"{base_path}: base model not found; strategy '{agg.strategy}' needs it "
-                                      "(run the base stage or pass --base DIR)")
+                raise CheckpointError(f"{base_path}: base model not found; strategy '{agg.strategy}' merges "
+                                      "deltas from the base, so --base DIR is required (the base the clients were "
+                                      "fine-tuned from: an HF Whisper dir or an openai-whisper .pt; or run the base "
+                                      f"stage); these strategies do not need it: {without}")
+            if agg.screening.exclude:
+                raise CheckpointError(f"{base_path}: base model not found; aggregation.screening.exclude measures "
+                                      "each client's update from the base, so --base DIR is required (or set "
+                                      "screening.exclude: false)")
             base_path = None
         config_src = base_path if base_path is not None and base_path.is_dir() else next(
             (all_paths[i] for i in active if all_paths[i].is_dir() and (all_paths[i] / "config.json").is_file()),
             None)
-        if config_src is None:
-            raise CheckpointError("no config/tokenizer to copy into the merged model: pass --base DIR "
-                                  "(an HF Whisper dir, e.g. models/base from the base stage)")
         readers = [reader(i) for i in active]
+        openai_form = None
+        if (base_path is None or not base_path.is_dir()) and all(r.kind == "pt" for r in readers):
+            # the seed's drop-in: openai-whisper .pt in, D/model.pt out in the first input's form (dims carried)
+            openai_form = "dims + model_state_dict" if readers[0].openai_dims is not None else "bare state dict"
+        elif config_src is None:
+            raise CheckpointError("no config/tokenizer to copy into the merged model: pass --base DIR "
+                                  "(an HF Whisper dir, e.g. models/base from the base stage); without --base only "
+                                  "openai-whisper .pt inputs can be merged (into DIR/model.pt)")
         if base_path is not None:
             base_reader = _open(base_path)
         validate_inputs(readers, base_reader)
@@ -473,10 +531,17 @@ def aggregate(params: Params, *, checkpoints: Sequence[str] | None = None, names
         report = merge_checkpoints([all_names[i] for i in active], readers, base_reader, plan,
                                    tmp / "model.safetensors", metadata)
         _refuse_duplicate_inputs(report)
-        _copy_model_files(config_src, tmp, plan.out_dtype)
-        if agg.export_openai:
+        if openai_form is not None:
+            write_openai_pt(tmp / "model.safetensors", tmp / "model.pt", readers[0].openai_dims)
+        else:
+            _copy_model_files(config_src, tmp, plan.out_dtype)
+        if agg.export_openai and openai_form is None:
             export_openai(tmp, tmp / "model.pt")
         metrics = metrics_from_report(report, all_names, weights, agg, weight_source, used_params)
+        metrics["client_order"] = ",".join(all_names)
+        metrics["client_order_source"] = order_source
+        if openai_form is not None:
+            metrics["output"] = f"model.pt ({openai_form})"
         if metrics_tmp is not None:
             try:
                 metrics_tmp.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
