@@ -97,7 +97,7 @@ def test_backends_agree_within_one_wer_point_on_sample(backend_outputs, agree_it
 def test_batched_equals_one_at_a_time(tiny_en_dir, agree_items, backend_outputs):
     _, audios = agree_items
     with open_backend("transformers", tiny_en_dir, DecodeOptions()) as backend:
-        single = [backend.decode_short([a])[0] for a in audios[:3]]
+        single = [backend.decode_short([a])[0].text for a in audios[:3]]
     assert single == backend_outputs["transformers"][:3]
 
 
@@ -114,8 +114,8 @@ def test_ctranslate2_encodes_window_by_window_on_cpu_with_batched_results(tiny_e
         batched = np.asarray(backend.model.model.encode(ctranslate2.StorageView.from_array(features), to_cpu=True))
         assert stacked.shape == batched.shape == (3, 1500, 384)
         np.testing.assert_array_equal(stacked, batched)
-        single = [backend.decode_short([a])[0] for a in audios[:3]]
-        assert backend.decode_short(audios[:3]) == single
+        single = [backend.decode_short([a])[0].text for a in audios[:3]]
+        assert [d.text for d in backend.decode_short(audios[:3])] == single
 
 
 @pytest.mark.parametrize("name", BACKENDS)

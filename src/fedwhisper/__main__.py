@@ -28,7 +28,7 @@ def transcribe_files(
 ) -> tuple[list[dict], list[dict]]:
     """Decode audio files with the evaluation path (same backend, batching and long-form handling).
 
-    Returns ({file, duration_s, text} per usable file, {file, error} per skipped file). Every file is read before the
+    Returns ({file, duration_s, text, language} per usable file, {file, error} per skipped file). Every file is read before the
     model is loaded; without ``skip_bad`` the first unusable one raises its DataError.
     """
     from fedwhisper.decode.evaluate import open_eval_backend
@@ -50,8 +50,8 @@ def transcribe_files(
     with open_eval_backend(model, params) as backend:
         result = transcribe_audios(backend, audios, params.batch_size, desc="transcribe", progress=len(files) > 1)
     results = [
-        {"file": str(f), "duration_s": round(len(a) / 16000, 3), "text": t}
-        for (f, a), t in zip(loaded, result.texts)
+        {"file": str(f), "duration_s": round(len(a) / 16000, 3), "text": t, "language": lang}
+        for (f, a), t, lang in zip(loaded, result.texts, result.languages)
     ]
     return results, skipped
 
@@ -106,6 +106,7 @@ def run_compare(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedwhisper.decode.settings import LANGUAGE_HELP
     from fedwhisper.errors import FedWhisperError
 
     parser = argparse.ArgumentParser(prog="python -m fedwhisper")
@@ -113,13 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     tr = sub.add_parser("transcribe", help="print the transcript of each audio file")
     tr.add_argument("--model", required=True, help="canonical HF Whisper directory (e.g. models/aggregated)")
     tr.add_argument("files", nargs="+", metavar="FILE")
-    tr.add_argument("--json", action="store_true", help="print a JSON list of {file, duration_s, text}")
+    tr.add_argument("--json", action="store_true", help="print a JSON list of {file, duration_s, text, language}")
     tr.add_argument("--params", default="params.yaml", help="decoding settings from its `evaluate:` section")
     tr.add_argument("--skip-bad", action="store_true",
                     help="skip files that cannot be decoded or hold no usable audio (0 samples, NaN), transcribe the "
                          "rest, list the skipped files on stderr and exit with status 1")
     for key in ("backend", "batch_size", "beam_size", "language", "task", "max_new_tokens", "device", "compute_type"):
-        tr.add_argument(f"--{key}", type=int if key in ("batch_size", "beam_size", "max_new_tokens") else str)
+        tr.add_argument(f"--{key}", type=int if key in ("batch_size", "beam_size", "max_new_tokens") else str,
+                        help=LANGUAGE_HELP if key == "language" else None)
     cmp = sub.add_parser(
         "compare", help="paired bootstrap of two predictions CSVs on the same utterances: WER/CER difference, "
         "its confidence interval and p-value, pooled and per client group",
