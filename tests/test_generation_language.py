@@ -70,3 +70,18 @@ def test_aggregate_writes_the_clients_language_and_task(tmp_path, tiny_random_mu
     merged = load_file(str(out / "model.safetensors"))[key]
     torch.testing.assert_close(merged, 0.5 * (load_file(str(a / "model.safetensors"))[key]
                                               + load_file(str(b / "model.safetensors"))[key]))
+
+
+def test_english_only_export_keeps_the_base_generation_config(tmp_path, tiny_random_dir):
+    """An English-only client (no language/task attributes on its generation config) exports with the base's
+    generation config unchanged, and its weights as trained."""
+    from fedwhisper.params import FinetuneParams
+    from fedwhisper.train.model_setup import configure_model, load_base
+    from fedwhisper.train.trainer import export_client_model
+
+    model, _, multilingual = load_base(tiny_random_dir)
+    configure_model(model, FinetuneParams(), multilingual)
+    out = export_client_model(model, tiny_random_dir, tmp_path / "client", {"train_samples": 1})
+    assert json.loads((out / "generation_config.json").read_text()) == \
+        json.loads((tiny_random_dir / "generation_config.json").read_text())
+    assert (out / "model.safetensors").read_bytes() == (tiny_random_dir / "model.safetensors").read_bytes()

@@ -97,8 +97,9 @@ def export_client_model(model, base_dir: Path, out_dir: Path, summary: dict) -> 
     try:
         generation = None
         if (Path(base_dir) / "generation_config.json").is_file():
+            trained = model.generation_config  # English-only configs have no language/task attributes
             generation = with_generation_language(GenerationConfig.from_pretrained(base_dir),
-                                                  model.generation_config.language, model.generation_config.task)
+                                                  getattr(trained, "language", None), getattr(trained, "task", None))
         write_whisper_dir(model.state_dict(), load_config(base_dir), staging, tokenizer_from=base_dir,
                           generation_config=generation)
         write_json_atomic(staging / SUMMARY_NAME, summary)
