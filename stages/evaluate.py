@@ -17,7 +17,7 @@ from fedwhisper.decode.evaluate import StreamSpec, evaluate_model
 from fedwhisper.decode.seed000 import (
     compute_type_for_precision, seed_metrics, write_examples_csv, write_metrics_csv,
 )
-from fedwhisper.decode.settings import evaluate_params_with_overrides
+from fedwhisper.decode.settings import LANGUAGE_HELP, evaluate_params_with_overrides
 from fedwhisper.errors import FedWhisperError, ParamsError
 from fedwhisper.formats.base_model import canonical_model_dir
 from fedwhisper.wandb_logging import log_wandb_run
@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     over = parser.add_argument_group("overrides of params.yaml evaluate.*")
     for key in ("backend", "batch_size", "beam_size", "language", "task", "max_new_tokens", "normalizer", "device",
                 "compute_type"):
-        over.add_argument(f"--{key}", type=int if key in ("batch_size", "beam_size", "max_new_tokens") else str)
+        over.add_argument(f"--{key}", type=int if key in ("batch_size", "beam_size", "max_new_tokens") else str,
+                          help=LANGUAGE_HELP if key == "language" else None)
     seed = parser.add_argument_group("seed 000's evaluate_model.py options")
     seed.add_argument("--precision", help="float16 | float32 | fp32: decode in float16 on CUDA (float32 on CPU) or "
                       "float32; sets evaluate.compute_type, so not together with --compute_type")

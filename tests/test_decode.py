@@ -97,7 +97,7 @@ def test_backends_agree_within_one_wer_point_on_sample(backend_outputs, agree_it
 def test_batched_equals_one_at_a_time(tiny_en_dir, agree_items, backend_outputs):
     _, audios = agree_items
     with open_backend("transformers", tiny_en_dir, DecodeOptions()) as backend:
-        single = [backend.decode_short([a])[0] for a in audios[:3]]
+        single = [backend.decode_short([a])[0].text for a in audios[:3]]
     assert single == backend_outputs["transformers"][:3]
 
 
@@ -114,8 +114,8 @@ def test_ctranslate2_encodes_window_by_window_on_cpu_with_batched_results(tiny_e
         batched = np.asarray(backend.model.model.encode(ctranslate2.StorageView.from_array(features), to_cpu=True))
         assert stacked.shape == batched.shape == (3, 1500, 384)
         np.testing.assert_array_equal(stacked, batched)
-        single = [backend.decode_short([a])[0] for a in audios[:3]]
-        assert backend.decode_short(audios[:3]) == single
+        single = [backend.decode_short([a])[0].text for a in audios[:3]]
+        assert [d.text for d in backend.decode_short(audios[:3])] == single
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -230,3 +230,79 @@ def test_transcribe_skip_bad_transcribes_the_rest_and_reports(tiny_random_dir, s
     assert cli_main(["transcribe", "--model", str(tiny_random_dir), *FAST, "--skip-bad", "--json", good]) == 0
     (result,) = json.loads(capsys.readouterr().out)
     assert result["file"] == good and result["duration_s"] > 0
+
+
+# --------------------------------------------------------------------------- language auto-detect
+
+
+def _noise_clips(seconds=(2, 3)):
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal(16000 * s).astype(np.float32) * 0.1 for s in seconds]
+
+
+def test_auto_detect_runs_on_every_backend_and_they_detect_the_same_language(tiny_random_multilingual_dir):
+    """language None on a multilingual model: every backend decodes (ctranslate2 used to raise "'None' is not a
+    valid language code"), reports a Whisper language per clip, short and long, and all three agree on it."""
+    from fedwhisper.params import WHISPER_LANGUAGES
+
+    clips = _noise_clips() + [np.random.default_rng(1).standard_normal(16000 * 31).astype(np.float32) * 0.1]
+    detected = {}
+    for name in BACKENDS:
+        with open_backend(name, tiny_random_multilingual_dir,
+                          DecodeOptions(language=None, device="cpu", max_new_tokens=4)) as backend:
+            result = transcribe_audios(backend, clips, batch_size=4, progress=False)
+        assert len(result.texts) == len(result.languages) == 3
+        assert all(lang in WHISPER_LANGUAGES for lang in result.languages), (name, result.languages)
+        detected[name] = result.languages
+    assert detected["openai-whisper"] == detected["transformers"] == detected["ctranslate2"], detected
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_fixed_language_is_reported_as_given(tiny_random_multilingual_dir, tiny_random_dir, name):
+    with open_backend(name, tiny_random_multilingual_dir,
+                      DecodeOptions(language="de", device="cpu", max_new_tokens=4)) as backend:
+        assert [d.language for d in backend.decode_short(_noise_clips())] == ["de", "de"]
+    # an English-only model has no language tokens: null (auto) means English
+    with open_backend(name, tiny_random_dir, DecodeOptions(language=None, device="cpu", max_new_tokens=4)) as backend:
+        assert [d.language for d in backend.decode_short(_noise_clips())] == ["en", "en"]
+
+
+def test_transcribe_cli_language_auto_detects_per_clip_with_the_real_multilingual_base(tmp_path, sample_items,
+                                                                                       capsys):
+    """`--language auto` on the bundled whisper-base with the default ctranslate2 backend: a German and an English
+    clip in one batch are detected as de and en, and transcribed in their own language."""
+    from pathlib import Path
+
+    from fedwhisper.formats.base_model import BUNDLED_MULTILINGUAL, materialize_base
+
+    model = materialize_base(BUNDLED_MULTILINGUAL, tmp_path / "base")
+    params = tmp_path / "params.yaml"
+    params.write_text("evaluate:\n  batch_size: 4\n")
+    german = Path(__file__).resolve().parents[1] / "data" / "sample-de" / "test" / "de-m3_test_009.mp3"
+    english = sample_items[0]["path"]
+    assert cli_main(["transcribe", "--model", str(model), "--params", str(params), "--backend",
+                     "ctranslate2", "--device", "cpu", "--language", "auto", "--json", str(german),
+                     str(english)]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["language"] for r in results] == ["de", "en"], results
+    assert results[0]["text"].lower().startswith("ich möchte"), results[0]
+    assert score_corpus([sample_items[0]["text"]], [results[1]["text"]])["wer"] < 50.0, results[1]
+
+
+def test_language_flag_refuses_invalid_codes(tmp_path, tiny_random_multilingual_dir, capsys):
+    from fedwhisper.decode.settings import evaluate_params_with_overrides
+    from fedwhisper.errors import ParamsError
+
+    none = tmp_path / "params.yaml"
+    none.write_text("evaluate:\n  batch_size: 4\n")
+    assert evaluate_params_with_overrides(none, {"language": "auto"}).language is None
+    assert evaluate_params_with_overrides(none, {"language": "de"}).language == "de"
+    with pytest.raises(ParamsError, match=r"evaluate.language: got 'german' \(did you mean 'de'\?\)"):
+        evaluate_params_with_overrides(none, {"language": "german"})
+    clip = tmp_path / "clip.wav"
+    import soundfile
+
+    soundfile.write(clip, _noise_clips((1,))[0], 16000)
+    assert cli_main(["transcribe", "--model", str(tiny_random_multilingual_dir), "--params", str(none),
+                     "--language", "xx", str(clip)]) == 1
+    assert "evaluate.language: got 'xx'" in capsys.readouterr().err

@@ -94,6 +94,33 @@ def test_stage_writes_flat_metrics_and_every_prediction(tiny_en_dir, prepared, t
         pytest.approx(metrics["cer"])
     assert all(r["reference_normalized"] == r["reference_normalized"].lower() for r in rows)
     assert sorted(p.name for p in out.iterdir()) == ["base.json", "base_predictions.csv"]
+    assert [r["language"] for r in rows] == ["en"] * 5  # an English-only model decodes English
+    assert list(rows[0])[-1] == "language"  # the new column comes last; the others keep their order
+
+
+def test_stage_language_auto_writes_each_clips_detected_language(tiny_random_multilingual_dir, prepared, tmp_path):
+    """--language auto (evaluate.language null) on a multilingual model with the default ctranslate2 backend: the
+    predictions CSV holds each clip's detected language, the same as the backend reports for the clip."""
+    from fedwhisper.decode.backends import DecodeOptions, open_backend
+    from fedwhisper.decode.transcribe import transcribe_audios
+    from fedwhisper.params import WHISPER_LANGUAGES
+
+    root, _ = prepared
+    out = tmp_path / "eval"
+    params = tmp_path / "p.yaml"
+    params.write_text("evaluate:\n  batch_size: 4\n  max_new_tokens: 4\n  device: cpu\n")
+    rc = _stage()(["--model", str(tiny_random_multilingual_dir), "--name", "ml", "--params", str(params),
+                   "--prepared", str(root), "--out_dir", str(out), "--language", "auto", "--normalizer", "basic"])
+    assert rc == 0
+    with (out / "ml_predictions.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5 and all(r["language"] in WHISPER_LANGUAGES for r in rows), rows
+    first = next(r for r in rows if not r["id"].endswith("_noref"))
+    audio = load_16k_mono(next(Path(it["path"]) for c in prepared[1].values() for it in c
+                               if Path(it["path"]).stem == first["id"]))
+    with open_backend("ctranslate2", tiny_random_multilingual_dir,
+                      DecodeOptions(language=None, device="cpu", max_new_tokens=4)) as backend:
+        assert transcribe_audios(backend, [audio], 1, progress=False).languages == [first["language"]]
 
 
 def test_stage_reports_missing_prepared_data(tiny_random_dir, tmp_path, capsys):

@@ -188,7 +188,8 @@ def test_translate_task_on_multilingual_model(tmp_path, tiny_random_multilingual
     assert metrics["global_step"] == 2 and isinstance(metrics["eval_wer"], float)
     assert json.loads((out / "training_summary.json").read_text())["multilingual"] is True
     assert WhisperTokenizerFast.from_pretrained(str(out)).convert_tokens_to_ids("<|translate|>") == 50358
-    assert GenerationConfig.from_pretrained(str(out)).is_multilingual
+    gen = GenerationConfig.from_pretrained(str(out))
+    assert gen.is_multilingual and (gen.language, gen.task) == ("de", "translate")  # decodes so outside the repo
 
 
 def test_translate_on_english_only_model_is_refused(tmp_path, tiny_random_dir, prepared):

@@ -29,7 +29,7 @@ def transcribe_files(
 ) -> tuple[list[dict], list[dict]]:
     """Decode audio files with the evaluation path (same backend, batching and long-form handling).
 
-    Returns ({file, duration_s, text} per usable file, {file, error} per skipped file). Every file is read before the
+    Returns ({file, duration_s, text, language} per usable file, {file, error} per skipped file). Every file is read before the
     model is loaded; without ``skip_bad`` the first unusable one raises its DataError.
     """
     from fedwhisper.decode.evaluate import open_eval_backend
@@ -51,8 +51,8 @@ def transcribe_files(
     with open_eval_backend(model, params) as backend:
         result = transcribe_audios(backend, audios, params.batch_size, desc="transcribe", progress=len(files) > 1)
     results = [
-        {"file": str(f), "duration_s": round(len(a) / 16000, 3), "text": t}
-        for (f, a), t in zip(loaded, result.texts)
+        {"file": str(f), "duration_s": round(len(a) / 16000, 3), "text": t, "language": lang}
+        for (f, a), t, lang in zip(loaded, result.texts, result.languages)
     ]
     return results, skipped
 
@@ -107,6 +107,7 @@ def run_compare(args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedwhisper.decode.settings import LANGUAGE_HELP
     from fedwhisper.errors import FedWhisperError
 
     parser = argparse.ArgumentParser(prog="python -m fedwhisper")
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("files", nargs="+", metavar="FILE_OR_FOLDER",
                     help="audio files and folders (searched recursively for audio; .txt/.json/.csv sidecars are "
                          "skipped, also when named directly, e.g. by dir/*)")
-    tr.add_argument("--json", action="store_true", help="print a JSON list of {file, duration_s, text}")
+    tr.add_argument("--json", action="store_true", help="print a JSON list of {file, duration_s, text, language}")
     tr.add_argument("--out", help="also write seed 003's rows {file, pred_caption, gt_caption} to this .csv or "
                                   ".jsonl file; gt_caption is the reference from the clip's .txt/.json sidecar "
                                   "(empty in CSV, absent in JSONL, where there is none)")
@@ -126,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="skip files that cannot be decoded or hold no usable audio (0 samples, NaN), transcribe the "
                          "rest, list the skipped files on stderr and exit with status 1")
     for key in ("backend", "batch_size", "beam_size", "language", "task", "max_new_tokens", "device", "compute_type"):
-        tr.add_argument(f"--{key}", type=int if key in ("batch_size", "beam_size", "max_new_tokens") else str)
+        tr.add_argument(f"--{key}", type=int if key in ("batch_size", "beam_size", "max_new_tokens") else str,
+                        help=LANGUAGE_HELP if key == "language" else None)
     cmp = sub.add_parser(
         "compare", help="paired bootstrap of two predictions CSVs on the same utterances: WER/CER difference, "
         "its confidence interval and p-value, pooled and per client group",

@@ -1,7 +1,9 @@
 """Decoding backends for a canonical HF Whisper directory: transformers, openai-whisper, ctranslate2.
 
 Every backend offers ``decode_short`` (a batch of clips of at most 30 s, one padded window each) and
-``decode_long`` (one clip over 30 s, transcribed window by window with timestamps, never truncated).
+``decode_long`` (one clip over 30 s, transcribed window by window with timestamps, never truncated), each giving
+``Decoded(text, language)``: the language decoded in, detected per clip when ``language`` is None (auto-detect) on a
+multilingual model, else the one asked for (``en`` for English-only models).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +37,16 @@ class DecodeOptions:
     max_new_tokens: int = 128
     device: str = "auto"
     compute_type: str = "default"
+
+
+class Decoded(NamedTuple):
+    text: str
+    language: str  # Whisper code such as ``de``: detected when auto-detecting, else the one asked for
+
+
+def _language_code(token: str) -> str:
+    """``<|de|>`` -> ``de``."""
+    return token[2:-2] if token.startswith("<|") and token.endswith("|>") else token
 
 
 def resolve_device(device: str) -> str:
@@ -65,10 +77,10 @@ class Backend:
         self.options = options
         self.device = resolve_device(options.device)
 
-    def decode_short(self, audios: Sequence[np.ndarray]) -> list[str]:
+    def decode_short(self, audios: Sequence[np.ndarray]) -> list[Decoded]:
         raise NotImplementedError
 
-    def decode_long(self, audio: np.ndarray) -> str:
+    def decode_long(self, audio: np.ndarray) -> Decoded:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -112,30 +124,48 @@ class TransformersBackend(Backend):
         self.n_mels = self.model.config.num_mel_bins
         self.dtype = dtype
         self.generate_kwargs = dict(max_new_tokens=options.max_new_tokens, num_beams=options.beam_size, do_sample=False)
-        if getattr(self.model.generation_config, "is_multilingual", False):
-            self.generate_kwargs.update(language=options.language, task=options.task)
+        self.multilingual = bool(getattr(self.model.generation_config, "is_multilingual", False))
+        self.language = options.language if self.multilingual else "en"
+        if self.multilingual:
+            self.generate_kwargs.update(task=options.task)
+
+    def _languages(self, features: torch.Tensor) -> list[str]:
+        """The language of each clip: detected on its first 30 s window when auto-detecting, else the fixed one."""
+        if self.language is not None:
+            return [self.language] * features.shape[0]
+        ids = self.model.detect_language(features[..., :3000]).reshape(-1).tolist()
+        return [_language_code(t) for t in self.tokenizer.convert_ids_to_tokens(ids)]
+
+    def _language_kwargs(self, languages: list[str]) -> dict:
+        return {"language": languages} if self.multilingual else {}
 
     @torch.inference_mode()
-    def decode_short(self, audios: Sequence[np.ndarray]) -> list[str]:
+    def decode_short(self, audios: Sequence[np.ndarray]) -> list[Decoded]:
         features = log_mel_batch(audios, self.n_mels, self.device).to(self.dtype)
-        ids = self.model.generate(features, return_timestamps=False, **self.generate_kwargs)
-        return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        languages = self._languages(features)
+        ids = self.model.generate(features, return_timestamps=False, **self.generate_kwargs,
+                                  **self._language_kwargs(languages))
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        return [Decoded(t.strip(), lang) for t, lang in zip(texts, languages)]
 
     @torch.inference_mode()
-    def decode_long(self, audio: np.ndarray) -> str:
+    def decode_long(self, audio: np.ndarray) -> Decoded:
         from transformers import WhisperFeatureExtractor
 
         extractor = WhisperFeatureExtractor.from_pretrained(self.model_dir)
         inputs = extractor(audio, sampling_rate=SAMPLING_RATE, truncation=False, padding="longest",
                            return_attention_mask=True, return_tensors="pt")
+        features = inputs.input_features.to(self.device, self.dtype)
+        languages = self._languages(features)  # auto-detect: on the first 30 s, as openai-whisper and faster-whisper
         ids = self.model.generate(
-            inputs.input_features.to(self.device, self.dtype),
+            features,
             attention_mask=inputs.attention_mask.to(self.device),
             return_timestamps=True,
             condition_on_prev_tokens=False,
             **self.generate_kwargs,
+            **self._language_kwargs(languages),
         )
-        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip()
+        return Decoded(self.tokenizer.batch_decode(ids, skip_special_tokens=True)[0].strip(), languages[0])
 
 
 class OpenAIWhisperBackend(Backend):
@@ -165,19 +195,20 @@ class OpenAIWhisperBackend(Backend):
         )
 
     @torch.inference_mode()
-    def decode_short(self, audios: Sequence[np.ndarray]) -> list[str]:
+    def decode_short(self, audios: Sequence[np.ndarray]) -> list[Decoded]:
         import whisper
 
         mel = log_mel_batch(audios, self.model.dims.n_mels, self.device)
         if self.decoding.fp16:
             mel = mel.half()
-        return [r.text.strip() for r in whisper.decode(self.model, mel, self.decoding)]
+        # language None: whisper.decode detects each clip's language and reports it in DecodingResult.language
+        return [Decoded(r.text.strip(), r.language) for r in whisper.decode(self.model, mel, self.decoding)]
 
-    def decode_long(self, audio: np.ndarray) -> str:
+    def decode_long(self, audio: np.ndarray) -> Decoded:
         import whisper
 
         result = whisper.transcribe(self.model, torch.from_numpy(np.asarray(audio, np.float32)), **self.transcribe_kwargs)
-        return result["text"].strip()
+        return Decoded(result["text"].strip(), result["language"])
 
 
 class CTranslate2Backend(Backend):
@@ -224,10 +255,15 @@ class CTranslate2Backend(Backend):
         self.language = options.language if self.multilingual else "en"
 
     def _transcription_options(self):
+        """faster-whisper's tokenizer and options. Auto-detect (language None, multilingual model): the tokenizer
+        gets ``en`` as a placeholder and ``multilingual=True`` makes ``generate_segment_batched`` replace that
+        prompt token with each clip's detected language (CTranslate2's ``detect_language`` on the encoder output)."""
         from faster_whisper.tokenizer import Tokenizer
         from faster_whisper.transcribe import TranscriptionOptions, get_suppressed_tokens
 
-        tokenizer = Tokenizer(self.model.hf_tokenizer, self.multilingual, task=self.options.task, language=self.language)
+        detect = self.language is None
+        tokenizer = Tokenizer(self.model.hf_tokenizer, self.multilingual, task=self.options.task,
+                              language="en" if detect else self.language)
         options = TranscriptionOptions(
             beam_size=self.options.beam_size, best_of=1, patience=1.0, length_penalty=1.0, repetition_penalty=1.0,
             no_repeat_ngram_size=0, log_prob_threshold=None, no_speech_threshold=None,
@@ -235,7 +271,7 @@ class CTranslate2Backend(Backend):
             temperatures=[0.0], initial_prompt=None, prefix=None, suppress_blank=True,
             suppress_tokens=get_suppressed_tokens(tokenizer, [-1]), without_timestamps=True,
             max_initial_timestamp=0.0, word_timestamps=False, prepend_punctuations="", append_punctuations="",
-            multilingual=False, max_new_tokens=self._ct2_max_new_tokens(tokenizer), clip_timestamps="0",
+            multilingual=detect, max_new_tokens=self._ct2_max_new_tokens(tokenizer), clip_timestamps="0",
             hallucination_silence_threshold=None, hotwords=None,
         )
         return tokenizer, options
@@ -246,18 +282,26 @@ class CTranslate2Backend(Backend):
         prompt = len(self.model.get_prompt(tokenizer, [], without_timestamps=True))
         return min(2 * self.options.max_new_tokens, self.model.max_length - prompt)
 
-    def decode_short(self, audios: Sequence[np.ndarray]) -> list[str]:
+    def decode_short(self, audios: Sequence[np.ndarray]) -> list[Decoded]:
         features = log_mel_batch(audios, self.n_mels, "cpu").numpy()
         tokenizer, options = self._transcription_options()
-        _, outputs = self.pipeline.generate_segment_batched(features, tokenizer, options)
-        return [tokenizer.decode(o["tokens"][: self.options.max_new_tokens]).strip() for o in outputs]
+        encoder_output, outputs = self.pipeline.generate_segment_batched(features, tokenizer, options)
+        if options.multilingual:  # the same top language the prompt got (one decoder step per clip)
+            languages = [_language_code(r[0][0]) for r in self.model.model.detect_language(encoder_output)]
+        else:
+            languages = [self.language] * len(outputs)
+        return [
+            Decoded(tokenizer.decode(o["tokens"][: self.options.max_new_tokens]).strip(), lang)
+            for o, lang in zip(outputs, languages)
+        ]
 
-    def decode_long(self, audio: np.ndarray) -> str:
-        segments, _ = self.model.transcribe(
+    def decode_long(self, audio: np.ndarray) -> Decoded:
+        segments, info = self.model.transcribe(
             np.asarray(audio, np.float32), beam_size=self.options.beam_size, language=self.language,
             task=self.options.task, temperature=0.0, condition_on_previous_text=False, vad_filter=False,
         )  # no max_new_tokens: with timestamps faster-whisper then loops on repeats (openai's transcribe has none)
-        return " ".join(s.text.strip() for s in segments).strip()
+        text = " ".join(s.text.strip() for s in segments).strip()  # language None: detected on the first 30 s
+        return Decoded(text, info.language)
 
 
 def _encode_window_by_window(model, features: np.ndarray):

@@ -10,7 +10,7 @@ import csv
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 PREDICTION_COLUMNS = (
     "id", "client", "duration_s", "reference", "hypothesis", "reference_normalized", "hypothesis_normalized",
-    "scored", *COUNT_COLUMNS,
+    "scored", *COUNT_COLUMNS, "language",
 )
 GROUP_KEYS = ("wer", "cer", "bleu", "n_samples")
 
@@ -61,9 +61,10 @@ class Predictions:
     audio_seconds: float = 0.0
     decode_seconds: float = 0.0
     reference_source: str = ""  # where the references came from, for error messages
+    languages: list[str] = field(default_factory=list)  # per clip, the language decoded in (detected when auto)
 
     def extend(self, other: "Predictions") -> None:
-        for name in ("ids", "clients", "durations", "references", "hypotheses"):
+        for name in ("ids", "clients", "durations", "references", "hypotheses", "languages"):
             getattr(self, name).extend(getattr(other, name))
         self.audio_seconds += other.audio_seconds
         self.decode_seconds += other.decode_seconds
@@ -106,6 +107,7 @@ def decode_prepared(backend: Backend, prepared_root: str | Path, batch_size: int
     return Predictions(
         table.column("id").to_pylist(), table.column("client").to_pylist(), table.column("duration_s").to_pylist(),
         table.column("text").to_pylist(), result.texts, result.audio_seconds, result.decode_seconds,
+        languages=result.languages,
     )
 
 
@@ -227,6 +229,7 @@ def decode_stream(backend: Backend, spec: StreamSpec, batch_size: int, chunk_bat
             out.extend(Predictions(
                 [r[0] for r in chunk], [r[1] for r in chunk], [len(r[3]) / 16000 for r in chunk],
                 [r[2] for r in chunk], result.texts, result.audio_seconds, result.decode_seconds,
+                languages=result.languages,
             ))
             bar.update(len(chunk))
     if not out.ids:
@@ -283,6 +286,7 @@ def prediction_rows(pred: Predictions, normalizer: str) -> Iterator[dict[str, An
             "reference": pred.references[i], "hypothesis": pred.hypotheses[i],
             "reference_normalized": norm_refs[i], "hypothesis_normalized": norm_hyps[i],
             "scored": scored, **dict(zip(COUNT_COLUMNS, counts)),
+            "language": pred.languages[i] if i < len(pred.languages) else "",
         }
 
 

@@ -21,6 +21,7 @@ class Transcription:
     texts: list[str]
     audio_seconds: float
     decode_seconds: float
+    languages: list[str]  # per clip: detected when auto-detecting, else the language asked for
 
     @property
     def rtfx(self) -> float:
@@ -46,23 +47,24 @@ def transcribe_indexed(
     """Transcribe items ``0..len(n_samples)-1``; ``load(indices)`` returns their 16 kHz audio on demand."""
     batches, long = plan_batches(n_samples, batch_size)
     texts: list[str] = [""] * len(n_samples)
+    languages: list[str] = [""] * len(n_samples)
     decode_seconds = 0.0
     with tqdm(total=len(n_samples), desc=desc, unit="clip", disable=not progress) as bar:
         for idx in batches:
             audios = load(idx)
             start = time.perf_counter()
-            for i, text in zip(idx, backend.decode_short(audios)):
-                texts[i] = text
+            for i, decoded in zip(idx, backend.decode_short(audios)):
+                texts[i], languages[i] = decoded
             decode_seconds += time.perf_counter() - start
             bar.update(len(idx))
         for i in long:
             (audio,) = load([i])
             start = time.perf_counter()
-            texts[i] = backend.decode_long(audio)
+            texts[i], languages[i] = backend.decode_long(audio)
             decode_seconds += time.perf_counter() - start
             bar.update(1)
     audio_seconds = float(sum(n_samples)) / SAMPLING_RATE
-    return Transcription(texts, audio_seconds, decode_seconds)
+    return Transcription(texts, audio_seconds, decode_seconds, languages)
 
 
 def transcribe_audios(

@@ -312,6 +312,48 @@ def write_whisper_dir(
     return out
 
 
+def with_generation_language(generation_config, language: Optional[str], task: Optional[str]):
+    """A copy of a multilingual ``generation_config`` that decodes in ``language`` with ``task`` by default (so a
+    fine-tuned model used outside the project does not fall back to en/transcribe); English-only configs unchanged."""
+    import copy
+
+    if not getattr(generation_config, "is_multilingual", False):
+        return generation_config
+    out = copy.deepcopy(generation_config)
+    out.language, out.task = language, task
+    return out
+
+
+def carry_generation_language(out_dir: str | Path, sources: Iterable[str | Path]) -> Optional[tuple]:
+    """Set ``out_dir/generation_config.json``'s language and task to those the ``sources`` (model directories, e.g.
+    the merged clients) all carry; when they differ, or none carries any, leave the file as it is. Returns the
+    (language, task) written, or None."""
+    from transformers import GenerationConfig
+
+    out = Path(out_dir)
+    if not (out / "generation_config.json").is_file():
+        return None
+    pairs = set()
+    for src in sources:
+        path = Path(src) / "generation_config.json"
+        if not path.is_file():
+            continue
+        gen = json.loads(path.read_text(encoding="utf-8"))
+        if gen.get("is_multilingual") and (gen.get("language") or gen.get("task")):
+            pairs.add((gen.get("language"), gen.get("task")))
+    if len(pairs) != 1:
+        if len(pairs) > 1:
+            log.warning("%s: the merged models decode with different language/task %s; the generation config "
+                        "keeps the base's", out, sorted(pairs, key=str))
+        return None
+    ((language, task),) = pairs
+    gen = GenerationConfig.from_pretrained(out)
+    if not getattr(gen, "is_multilingual", False):
+        return None
+    with_generation_language(gen, language, task).save_pretrained(out)
+    return language, task
+
+
 # --------------------------------------------------------------------------- reading
 
 

@@ -21,6 +21,7 @@ import torch
 from fedwhisper.atomic import remove_stale_siblings
 from fedwhisper.errors import CheckpointError, MergeError
 from fedwhisper.formats.checkpoints import WEIGHT_SUFFIXES, CheckpointReader, open_checkpoint
+from fedwhisper.formats.hf import carry_generation_language
 from fedwhisper.merge.engine import BASE_KEY, DTYPES, MergePlan, MergeReport, merge_checkpoints, validate_inputs
 from fedwhisper.merge.presets import preset_weights
 from fedwhisper.merge.strategies import (
@@ -535,6 +536,7 @@ def aggregate(params: Params, *, checkpoints: Sequence[str] | None = None, names
             write_openai_pt(tmp / "model.safetensors", tmp / "model.pt", readers[0].openai_dims)
         else:
             _copy_model_files(config_src, tmp, plan.out_dtype)
+            carry_generation_language(tmp, [all_paths[i] for i in active if all_paths[i].is_dir()])
         if agg.export_openai and openai_form is None:
             export_openai(tmp, tmp / "model.pt")
         metrics = metrics_from_report(report, all_names, weights, agg, weight_source, used_params)

@@ -84,13 +84,24 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 def export_client_model(model, base_dir: Path, out_dir: Path, summary: dict) -> Path:
-    """Canonical HF dir (base config, tokenizer, preprocessor, generation config) + training_summary.json, atomically."""
-    from fedwhisper.formats.hf import load_config, replace_dir, write_whisper_dir
+    """Canonical HF dir (base config, tokenizer, preprocessor, generation config) + training_summary.json, atomically.
+
+    The generation config is the base's; a multilingual model's also records the language and task it was trained
+    for (``model.generation_config``, set by ``configure_model``), so that decoding it elsewhere uses them."""
+    from transformers import GenerationConfig
+
+    from fedwhisper.formats.hf import load_config, replace_dir, with_generation_language, write_whisper_dir
 
     remove_stale_siblings(out_dir)  # also <out>.staging-<pid>.tmp-<pid> and <out>.old-<pid>
     staging = out_dir.with_name(f"{out_dir.name}.staging-{os.getpid()}")
     try:
-        write_whisper_dir(model.state_dict(), load_config(base_dir), staging, tokenizer_from=base_dir)
+        generation = None
+        if (Path(base_dir) / "generation_config.json").is_file():
+            trained = model.generation_config  # English-only configs have no language/task attributes
+            generation = with_generation_language(GenerationConfig.from_pretrained(base_dir),
+                                                  getattr(trained, "language", None), getattr(trained, "task", None))
+        write_whisper_dir(model.state_dict(), load_config(base_dir), staging, tokenizer_from=base_dir,
+                          generation_config=generation)
         write_json_atomic(staging / SUMMARY_NAME, summary)
         replace_dir(staging, out_dir)
     except BaseException:
