@@ -282,4 +282,4 @@ def test_every_backend_prompts_translate_on_a_multilingual_model(tiny_random_mul
             ids = b.model.get_prompt(tokenizer, [], without_timestamps=True)
             prompt = [b.model.hf_tokenizer.id_to_token(i) for i in ids]
         assert prompt == expected
-        assert isinstance(b.decode_short([clip])[0], str)
+        assert isinstance(b.decode_short([clip])[0].text, str)

@@ -233,7 +233,7 @@ def test_malformed_index_and_unreadable_checkpoint_are_named(four, monkeypatch):
     c = Path("models/clients/c")
     (c / "model.safetensors").rename(c / "model-00001-of-00001.safetensors")
     (c / "model.safetensors.index.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="models/clients/c/model.safetensors.index.json: unreadable"):
+    with pytest.raises(CheckpointError, match="models/clients/c/model.safetensors.index.json: malformed shard index"):
         run_aggregate_stage("params.yaml")
 
     (c / "model.safetensors.index.json").unlink()
@@ -296,7 +296,7 @@ def _dvc(cwd, *args, ok=True):
     return proc.stdout + proc.stderr
 
 
-def test_failed_dvc_exp_run_keeps_the_merged_model_and_metrics(tmp_path, tiny_random_dir, base_state):
+def test_failed_dvc_exp_run_keeps_the_merged_model_and_metrics(tmp_path, tiny_random_dir, base_state, monkeypatch):
     """DVC deletes a stage's outputs before its command runs, unless they persist (dvc.yaml)."""
     proj = project(tmp_path, tiny_random_dir, {"source": "checkpoints"}, clients=())
     shutil.copyfile(ROOT / "dvc.yaml", proj / "dvc.yaml")
@@ -314,7 +314,7 @@ def test_failed_dvc_exp_run_keeps_the_merged_model_and_metrics(tmp_path, tiny_ra
     _dvc(proj, "repro", "-s", "aggregate")
     subprocess.run(["git", "add", "-A"], cwd=proj, check=True)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "run"], cwd=proj, check=True)
-    os.chdir(proj)
+    monkeypatch.chdir(proj)
     before = snapshot()
     out = _dvc(proj, "exp", "run", "-s", "aggregate", "-S", "aggregation.weights=[0.4,0.3,0.2]", ok=False)
     assert "aggregation.weights apply per client in order, but aggregation.source: checkpoints is a folder" in out

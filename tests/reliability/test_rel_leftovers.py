@@ -170,6 +170,7 @@ def test_finetune_export_removes_dead_staging(tmp_path, tiny_random_dir, dead_pi
     from fedwhisper.train.trainer import export_client_model
 
     d = tmp_path / "models" / "clients"
+    make(d / "c1", True)  # the previous output (were it missing, c1.old-<dead> would be moved back)
     gone = leftovers(d, "c1", dead_pid)
     kept = keepers(d, "c1", dead_pid, live_pid)
     model = WhisperForConditionalGeneration.from_pretrained(tiny_random_dir)
@@ -227,6 +228,7 @@ def test_prepare_rerun_removes_dead_leftovers_and_completes(tmp_path, dead_pid, 
     with (corpus / "metadata.csv").open("w", newline="", encoding="utf-8") as f:
         csv.writer(f, lineterminator="\n").writerows([("file_name", "accent"), *rows])
     d, m = tmp_path / "data", tmp_path / "metrics"
+    make(d / "prepared", True)  # the previous output (were it missing, prepared.old-<dead> would be moved back)
     gone = leftovers(d, "prepared", dead_pid) + [make(m / f"prepare_drops.csv.tmp-{dead_pid}", False)]
     kept = keepers(d, "prepared", dead_pid, live_pid) + [make(m / f"prepare.json.tmp-{live_pid}", False)]
     gone.remove(d / f"prepared.json.tmp-{dead_pid}")  # not a sibling this stage writes

@@ -181,15 +181,22 @@ def _stream_rows(
         yield item.id, str(group), text, audio
 
 
+HF_DATA_EXTENSIONS = (".parquet", ".arrow")
+
+
 def is_local_layout(dataset: str) -> bool:
     """Whether ``dataset`` is a folder in the project's own layout (seed 003's): audio files with ``.txt``/``.json``
-    sidecars or a ``metadata.csv``, in split subfolders or not, rather than an HF dataset folder."""
+    sidecars or a ``metadata.csv``, in split subfolders or not, rather than an HF dataset folder (one holding
+    ``dataset_dict.json``/``dataset_info.json`` or parquet/arrow data files, whose audio paths point at files)."""
     from fedwhisper.audio import AUDIO_EXTENSIONS
 
     root = Path(dataset)
     if not root.is_dir() or any((root / f).is_file() for f in ("dataset_dict.json", "dataset_info.json")):
         return False
-    return any(p.suffix.lower() in AUDIO_EXTENSIONS for p in root.rglob("*") if p.is_file())
+    files = [p for p in root.rglob("*") if p.is_file()]
+    if any(p.suffix.lower() in HF_DATA_EXTENSIONS for p in files):  # parquet/arrow shards: an HF dataset folder
+        return False
+    return any(p.suffix.lower() in AUDIO_EXTENSIONS for p in files)
 
 
 def _local_split(spec: StreamSpec, columns) -> tuple[Any, str]:
