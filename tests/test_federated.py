@@ -19,7 +19,7 @@ from fedwhisper.federated.server_optimizer import ServerOptimizer
 from fedwhisper.params import FederatedParams, params_from_dict
 
 flwr_strategy = pytest.importorskip("flwr.serverapp.strategy")
-from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 # Whisper tensor names: the merge engine reads the round's models as Whisper checkpoints
@@ -250,3 +250,56 @@ def test_fedprox_changes_local_training_and_mu_zero_uses_the_plain_trainer(sites
     name = "model.decoder.layers.0.fc1.weight"
     assert not torch.equal(plain.state[name], prox.state[name])
     assert plain.num_examples == 4 and np.isfinite(prox.train_loss)
+
+
+# --------------------------------------------------------------------------- the Flower apps
+
+@pytest.fixture(scope="module")
+def site_configs(tiny_random_dir, two_sites, tmp_path_factory):
+    import yaml
+
+    params = tmp_path_factory.mktemp("site") / "params.yaml"
+    params.write_text(yaml.safe_dump({"finetune": TINY_FT}))
+    return [{"client": c, "data-root": str(two_sites), "base-dir": str(tiny_random_dir), "params": str(params)}
+            for c in ("s2", "s1")]
+
+
+def test_flower_apps_run_two_rounds_in_process(site_configs, tmp_path):
+    from fedwhisper.federated.flower import InProcessGrid, ensure_task_identity, run_server
+    from fedwhisper.federated.rounds import model_state
+    from fedwhisper.train.model_setup import load_base
+
+    ensure_task_identity()
+    start = model_state(load_base(Path(site_configs[0]["base-dir"]))[0])
+    fed = FederatedParams(rounds=2, local_steps=1, strategy="median")
+    grid = InProcessGrid(site_configs)
+    final, records = run_server(grid, fed, start, work_dir=tmp_path, wait_for_nodes_s=5)
+    assert [r.server_round for r in records] == [1, 2]
+    assert all(r.clients == ["s1", "s2"] for r in records)  # selected and aggregated by name, not node id
+    assert all(r.eval_wer is not None and np.isfinite(r.train_loss) for r in records)
+    assert any(not torch.equal(start[k], final[k]) for k in start)
+
+
+def test_flower_round_with_a_node_gone_keeps_the_last_global_model(site_configs, tmp_path):
+    from fedwhisper.federated.flower import FedWhisperStrategy, InProcessGrid, ensure_task_identity, to_record
+    from fedwhisper.federated.rounds import model_state
+    from fedwhisper.train.model_setup import load_base
+
+    ensure_task_identity()
+    start = model_state(load_base(Path(site_configs[0]["base-dir"]))[0])
+    grid = InProcessGrid(site_configs)
+    finished = []
+    strategy = FedWhisperStrategy(FederatedParams(rounds=2, local_steps=1, min_fit_clients=2), evaluate=False,
+                                  work_dir=tmp_path, on_round=lambda r, s: finished.append((r.server_round, s)),
+                                  wait_for_nodes_s=1)
+    arrays = to_record(start)
+    replies = grid.send_and_receive(strategy.configure_train(1, arrays, ConfigRecord(),
+                                                             grid))
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert [r for r, _ in finished] == [1]
+    messages = list(strategy.configure_train(2, arrays, ConfigRecord(), grid))
+    grid.down.add(messages[0].metadata.dst_node_id)  # a SuperNode dies mid-round: its reply never comes
+    with pytest.raises(FederatedError, match="1 client model.s. came back, fewer than federated.min_fit_clients=2"):
+        strategy.aggregate_train(2, grid.send_and_receive(messages))
+    assert [r for r, _ in finished] == [1]  # round 1's model is the last finished one, untouched
+    assert all(torch.equal(finished[0][1][k], strategy.current[k]) for k in start)
