@@ -4,6 +4,7 @@ client selection, the FedProx term, and two real rounds on a tiny random Whisper
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from unittest import mock
 
@@ -303,3 +304,24 @@ def test_flower_round_with_a_node_gone_keeps_the_last_global_model(site_configs,
         strategy.aggregate_train(2, grid.send_and_receive(messages))
     assert [r for r, _ in finished] == [1]  # round 1's model is the last finished one, untouched
     assert all(torch.equal(finished[0][1][k], strategy.current[k]) for k in start)
+
+
+def test_federate_stage_writes_a_loadable_model_and_round_curves(tiny_random_dir, two_sites, tmp_path):
+    import yaml
+
+    from fedwhisper.federated.stage import run_federate
+    from fedwhisper.formats.hf import is_hf_whisper_dir, load_whisper_model
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"clients": ["s1", "s2"], "finetune": TINY_FT,
+                                      "federated": {"rounds": 2, "local_steps": 1, "fraction_fit": 0.5}}))
+    out, metrics_dir = tmp_path / "models" / "federated", tmp_path / "metrics" / "federated"
+    metrics = run_federate(params, base_dir=tiny_random_dir, data_root=two_sites, out_dir=out,
+                           metrics_dir=metrics_dir, evaluate=False)
+    assert is_hf_whisper_dir(out) and load_whisper_model(out) is not None
+    assert metrics["rounds_done"] == 2 and all(len(c) == 1 for c in metrics["clients_per_round"])
+    rounds = (metrics_dir / "rounds.tsv").read_text().splitlines()
+    assert rounds[0].split("\t") == ["round", "train_loss", "eval_loss", "eval_wer", "seconds"] and len(rounds) == 3
+    assert len((metrics_dir / "client_loss.tsv").read_text().splitlines()) == 3  # header + one client per round
+    assert json.loads((metrics_dir / "metrics.json").read_text())["rounds_done"] == 2
+    assert sorted(p.name for p in out.parent.iterdir()) == ["federated"]  # no temporary files left

@@ -167,6 +167,8 @@ class FedWhisperStrategy(Strategy):
                         dst_node_id=node) for _, node in sorted(by_name.items())]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Optional[MetricRecord]:
+        if not self.evaluate:  # the round was finished in aggregate_train
+            return None
         results = []
         for reply in replies:
             if reply.has_error():
