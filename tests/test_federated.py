@@ -222,7 +222,8 @@ def test_two_rounds_change_the_global_model_and_record_per_round_metrics(sites, 
     start = model_state(sites[0].template)
     seen = []
     fed = FederatedParams(rounds=2, local_steps=1, strategy="fedavg", server_optimizer="fedadam", server_lr=0.01)
-    final, records = run_rounds(fed, sites, start, work_dir=tmp_path, on_round=lambda r, s: seen.append(r.server_round))
+    final, records = run_rounds(fed, sites, start, work_dir=tmp_path, evaluate=False,
+                                on_round=lambda r, s: seen.append(r.server_round))
     assert seen == [1, 2] and [r.server_round for r in records] == [1, 2]
     changed = [k for k in start if not torch.equal(start[k], final[k])]
     assert any(k.startswith("model.decoder.") for k in changed)
@@ -232,7 +233,7 @@ def test_two_rounds_change_the_global_model_and_record_per_round_metrics(sites, 
         assert all(np.isfinite(v) for v in r.client_loss.values())
         assert r.client_examples == {"s1": 4, "s2": 6}
         assert r.merge["weights"] == pytest.approx({"s1": 0.4, "s2": 0.6})  # fedavg: by sample counts
-        assert r.eval_wer is not None and r.eval_wer >= 0 and np.isfinite(r.eval_loss)
+        assert r.eval_wer is None  # evaluation off here; the Flower test below evaluates every round
     assert not list(tmp_path.iterdir())
 
 
