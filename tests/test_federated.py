@@ -292,7 +292,7 @@ def test_flower_round_with_a_node_gone_keeps_the_last_global_model(site_configs,
     grid = InProcessGrid(site_configs)
     finished = []
     strategy = FedWhisperStrategy(FederatedParams(rounds=2, local_steps=1, min_fit_clients=2), evaluate=False,
-                                  work_dir=tmp_path, on_round=lambda r, s: finished.append((r.server_round, s)),
+                                  work_dir=tmp_path, on_round=lambda r, s, opt: finished.append((r.server_round, s)),
                                   wait_for_nodes_s=1)
     arrays = to_record(start)
     replies = grid.send_and_receive(strategy.configure_train(1, arrays, ConfigRecord(),
@@ -325,4 +325,29 @@ def test_federate_stage_writes_a_loadable_model_and_round_curves(tiny_random_dir
     assert rounds[0].split("\t") == ["round", "train_loss", "eval_loss", "eval_wer", "seconds"] and len(rounds) == 3
     assert len((metrics_dir / "client_loss.tsv").read_text().splitlines()) == 3  # header + one client per round
     assert json.loads((metrics_dir / "metrics.json").read_text())["rounds_done"] == 2
-    assert sorted(p.name for p in out.parent.iterdir()) == ["federated"]  # no temporary files left
+    assert sorted(p.name for p in out.parent.iterdir()) == ["federated", "federated_resume"]  # no temp files left
+
+
+def test_federate_resumes_after_the_last_finished_round(tiny_random_dir, two_sites, tmp_path):
+    """Raising federated.rounds continues the run: only the new round trains, and the result equals a run of all
+    rounds at once (training and the server optimiser's moments are restored exactly)."""
+    import yaml
+
+    from fedwhisper.federated.stage import run_federate
+    from fedwhisper.formats.hf import read_state_dict
+
+    def run(tag: str, rounds: int, resume: Path) -> dict:
+        params = tmp_path / f"{tag}.yaml"
+        params.write_text(yaml.safe_dump({"clients": ["s1", "s2"], "finetune": TINY_FT, "federated": {
+            "rounds": rounds, "local_steps": 1, "server_optimizer": "fedadam", "server_lr": 0.01}}))
+        return run_federate(params, base_dir=tiny_random_dir, data_root=two_sites, out_dir=tmp_path / tag,
+                            metrics_dir=tmp_path / f"metrics-{tag}", resume_dir=resume, evaluate=False)
+
+    assert run("a", 1, tmp_path / "resume-a")["resumed_after_round"] == 0
+    again = run("a", 2, tmp_path / "resume-a")
+    assert again["resumed_after_round"] == 1 and again["rounds_done"] == 2
+    assert len((tmp_path / "metrics-a" / "rounds.tsv").read_text().splitlines()) == 3  # rounds 1 and 2
+    straight = run("b", 2, tmp_path / "resume-b")
+    assert straight["resumed_after_round"] == 0
+    a, b = read_state_dict(tmp_path / "a"), read_state_dict(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)

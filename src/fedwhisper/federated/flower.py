@@ -52,11 +52,12 @@ class FedWhisperStrategy(Strategy):
     ``records`` holds one ``RoundRecord`` per finished round; ``on_round(record, state)`` runs after each one."""
 
     def __init__(self, fed: FederatedParams, *, evaluate: bool = True, work_dir: str | Path | None = None,
-                 on_round: Callable[[RoundRecord, dict[str, torch.Tensor]], None] | None = None,
-                 wait_for_nodes_s: float = 120.0):
+                 on_round: Callable[[RoundRecord, dict[str, torch.Tensor], ServerOptimizer], None] | None = None,
+                 wait_for_nodes_s: float = 120.0, rounds_done: int = 0):
         self.fed, self.evaluate, self.work_dir, self.on_round = fed, evaluate, work_dir, on_round
         self.wait_for_nodes_s = wait_for_nodes_s
         self.optimizer = ServerOptimizer(fed.server_optimizer, fed.server_lr, fed.beta_1, fed.beta_2, fed.tau)
+        self.rounds_done = rounds_done  # a resumed run: Flower's round 1 is our round rounds_done + 1
         self.names: dict[int, str] = {}  # node id -> client name
         self.current: dict[str, torch.Tensor] | None = None
         self.records: list[RoundRecord] = []
@@ -107,6 +108,7 @@ class FedWhisperStrategy(Strategy):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.rounds_done
         self._t0 = time.monotonic()
         self.current = from_record(arrays)
         by_name = self._nodes_by_name(grid)
@@ -120,6 +122,7 @@ class FedWhisperStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+        server_round += self.rounds_done
         if self.current is None:
             raise FederatedError("internal: aggregate_train before configure_train")
         updates: list[ClientUpdate] = []
@@ -162,7 +165,7 @@ class FedWhisperStrategy(Strategy):
         if not self.evaluate:
             return []
         by_name = self._nodes_by_name(grid)
-        cfg = ConfigRecord({**dict(config), "server-round": server_round})
+        cfg = ConfigRecord({**dict(config), "server-round": server_round + self.rounds_done})
         return [Message(content=RecordDict({"arrays": arrays, "config": cfg}), message_type="evaluate",
                         dst_node_id=node) for _, node in sorted(by_name.items())]
 
@@ -192,7 +195,7 @@ class FedWhisperStrategy(Strategy):
         log.info("round %d: %s trained (loss %.3f), validation WER %s, %.0f s", record.server_round,
                  ", ".join(record.clients), record.train_loss, wer, record.seconds)
         if self.on_round is not None and self.current is not None:
-            self.on_round(record, self.current)
+            self.on_round(record, self.current, self.optimizer)
 
 
 # --------------------------------------------------------------------------- client side
@@ -320,14 +323,21 @@ def ensure_task_identity(run_id: int = 1) -> None:
 
 def run_server(grid: Grid, fed: FederatedParams, initial_state: Mapping[str, torch.Tensor], *,
                evaluate: bool = True, work_dir: str | Path | None = None,
-               on_round: Callable[[RoundRecord, dict[str, torch.Tensor]], None] | None = None,
-               timeout_s: float = 3600.0, wait_for_nodes_s: float = 120.0,
+               on_round: Callable[[RoundRecord, dict[str, torch.Tensor], ServerOptimizer], None] | None = None,
+               timeout_s: float = 3600.0, wait_for_nodes_s: float = 120.0, rounds_done: int = 0,
+               optimizer_state: Optional[dict] = None,
                ) -> tuple[dict[str, torch.Tensor], list[RoundRecord]]:
-    """``fed.rounds`` rounds over ``grid``; returns the final global model and one record per round."""
+    """Rounds ``rounds_done + 1 .. fed.rounds`` over ``grid`` from ``initial_state`` (the global model after
+    ``rounds_done`` rounds, with the server optimiser's ``optimizer_state``); returns the final global model and one
+    record per round run here."""
     strategy = FedWhisperStrategy(fed, evaluate=evaluate, work_dir=work_dir, on_round=on_round,
-                                  wait_for_nodes_s=wait_for_nodes_s)
-    result = strategy.start(grid=grid, initial_arrays=to_record(initial_state), num_rounds=fed.rounds,
-                            timeout=timeout_s)
-    if len(strategy.records) != fed.rounds:
-        raise FederatedError(f"only {len(strategy.records)} of {fed.rounds} rounds finished")
+                                  wait_for_nodes_s=wait_for_nodes_s, rounds_done=rounds_done)
+    if optimizer_state:
+        strategy.optimizer.load_state(optimizer_state)
+    todo = fed.rounds - rounds_done
+    if todo <= 0:
+        return dict(initial_state), []
+    result = strategy.start(grid=grid, initial_arrays=to_record(initial_state), num_rounds=todo, timeout=timeout_s)
+    if len(strategy.records) != todo:
+        raise FederatedError(f"only {len(strategy.records)} of rounds {rounds_done + 1}..{fed.rounds} finished")
     return from_record(result.arrays), strategy.records
