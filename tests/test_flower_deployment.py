@@ -7,6 +7,7 @@ is started in its own session and stopped by its pid (process group) in a ``fina
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -98,7 +99,7 @@ def test_superlink_and_two_supernodes_run_two_rounds(tmp_path, tiny_random_dir):
                                    f"base-dir='{tiny_random_dir}' params='{params}'")
             wait_listening(port, node, node_log)
         run_config = (f"params='{params}' base-dir='{tiny_random_dir}' out-dir='{out}' metrics-dir='{metrics}' "
-                      "evaluate=false wait-for-nodes-s=60")
+                      f"resume-dir='{tmp_path / 'resume'}' evaluate=false wait-for-nodes-s=60")
         run = subprocess.run([str(BIN / "flwr"), "run", str(ROOT / "flower"), "test", "--run-config", run_config,
                               "--stream"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=480)
         assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
@@ -109,6 +110,7 @@ def test_superlink_and_two_supernodes_run_two_rounds(tmp_path, tiny_random_dir):
     from fedwhisper.formats.hf import is_hf_whisper_dir, read_state_dict
 
     assert is_hf_whisper_dir(out)
+    assert json.loads((tmp_path / "resume" / "resume.json").read_text())["round"] == 2  # the server's resume point
     rounds = (metrics / "rounds.tsv").read_text().splitlines()
     assert len(rounds) == 3 and [r.split("\t")[0] for r in rounds[1:]] == ["1", "2"]
     clients = (metrics / "client_loss.tsv").read_text().splitlines()[1:]

@@ -86,11 +86,16 @@ server_app = ServerApp()
 
 @server_app.main()
 def server_main(grid: Grid, context: Context) -> None:
-    """A deployment's server: run config keys ``params``, ``base-dir``, ``out-dir``, ``metrics-dir``."""
+    """A deployment's server: run config keys ``params``, ``base-dir``, ``out-dir``, ``metrics-dir``, ``evaluate``,
+    ``wait-for-nodes-s`` and ``resume-dir`` (default ``<out-dir>_resume``)."""
+    from fedwhisper.federated.resume import fingerprint
+
     cfg = context.run_config
     params = load_params(str(cfg.get("params", "params.yaml")), stage="federate")
-    serve(grid, params.federated, base_dir=str(cfg.get("base-dir", "models/base")),
-          out_dir=str(cfg.get("out-dir", "models/federated")),
+    base_dir, out_dir = str(cfg.get("base-dir", "models/base")), str(cfg.get("out-dir", "models/federated"))
+    serve(grid, params.federated, base_dir=base_dir, out_dir=out_dir,
           metrics_dir=str(cfg.get("metrics-dir", "metrics/federated")),
           evaluate=bool(cfg.get("evaluate", True)),
-          wait_for_nodes_s=float(cfg.get("wait-for-nodes-s", 300)))
+          wait_for_nodes_s=float(cfg.get("wait-for-nodes-s", 300)),
+          resume_dir=str(cfg.get("resume-dir", f"{out_dir}_resume")),
+          fingerprint=fingerprint(params.federated, params.finetune, params.clients, base_dir))
