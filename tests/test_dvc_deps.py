@@ -52,18 +52,23 @@ def _resolve(value, context: dict):
 
 
 def expanded_stages(root: Path = ROOT) -> dict[str, dict]:
-    """``{stage name: {cmd, deps, params}}`` with foreach stages expanded as DVC does (``name@key``)."""
-    dvc = yaml.safe_load((root / "dvc.yaml").read_text())
+    """``{stage name: {cmd, deps, params}}`` with foreach stages expanded as DVC does (``name@key``).
+
+    The stages of the pipelines kept apart from the default one (``pipelines/*/dvc.yaml``, run from the project
+    root with ``wdir: ../..``) are included as ``<file>:<name>``, as DVC names them."""
     params = yaml.safe_load((root / "params.yaml").read_text())
     out = {}
-    for name, st in dvc["stages"].items():
-        if "foreach" in st:
-            items = _resolve(st["foreach"], params)
-            pairs = items.items() if isinstance(items, dict) else ((str(v), v) for v in items)
-            for key, item in pairs:
-                out[f"{name}@{key}"] = _resolve(st["do"], {**params, "item": item, "key": key})
-        else:
-            out[name] = _resolve(st, params)
+    for path in [root / "dvc.yaml", *sorted(root.glob("pipelines/*/dvc.yaml"))]:
+        dvc = yaml.safe_load(path.read_text())
+        prefix = "" if path.parent == root else f"{path.relative_to(root).as_posix()}:"
+        for name, st in dvc["stages"].items():
+            if "foreach" in st:
+                items = _resolve(st["foreach"], params)
+                pairs = items.items() if isinstance(items, dict) else ((str(v), v) for v in items)
+                for key, item in pairs:
+                    out[f"{prefix}{name}@{key}"] = _resolve(st["do"], {**params, "item": item, "key": key})
+            else:
+                out[f"{prefix}{name}"] = _resolve(st, params)
     return out
 
 

@@ -23,3 +23,7 @@ class MergeError(FedWhisperError):
 
 class DecodeError(FedWhisperError):
     """Decoding or scoring failed."""
+
+
+class FederatedError(FedWhisperError):
+    """A federated round cannot go on: too few clients, a client update that does not fit the global model."""

@@ -177,6 +177,34 @@ class AggregationParams:
 
 
 @dataclass(frozen=True)
+class FederatedParams:
+    rounds: int = p(3, "Federated rounds R: each round the selected clients train from the current global model.", min=1)
+    local_steps: int = p(10, "Optimizer steps E each selected client trains per round (finetune.* sets the rest).",
+                         min=1)
+    strategy: str = p(
+        "fedavg", "How the server combines the client models each round: a merge strategy name (`fedavg` weighs by "
+        "train sample counts; `mean`/`uniform`, `median`, `trimmed_mean`, `krum`, `multi_krum` and the delta "
+        "strategies take their knobs from `beta`, `f`, `m` below and aggregation's defaults).")
+    beta: float = p(0.25, "Fraction trimmed from each end (trimmed_mean).", min=0.0, max=0.49)
+    f: int = p(0, "Assumed number of Byzantine clients (krum, multi_krum).", min=0)
+    m: Optional[int] = p(None, "Clients averaged by multi_krum (default n - f).", min=1)
+    screening: ScreeningParams = p(None, "Screen each round's client models against the global model.",
+                                   factory=ScreeningParams)
+    server_optimizer: Literal["fedavg", "fedadam", "fedyogi", "fedadagrad"] = p(
+        "fedavg", "Server step on the aggregated delta: `fedavg` adds it times server_lr; FedAdam/FedYogi/FedAdagrad "
+        "as in Reddi et al. 2021, with Flower's update rules.")
+    server_lr: float = p(1.0, "Server learning rate (Flower's `eta`); fedavg with 1.0 is plain FedAvg.", gt=0.0)
+    beta_1: float = p(0.9, "First-moment decay of FedAdam/FedYogi (Flower's `beta_1`).", min=0.0, max=0.999999)
+    beta_2: float = p(0.99, "Second-moment decay of FedAdam/FedYogi (Flower's `beta_2`).", min=0.0, max=0.999999)
+    tau: float = p(1e-3, "Adaptivity floor of FedAdam/FedYogi/FedAdagrad (Flower's `tau`).", gt=0.0)
+    proximal_mu: float = p(0.0, "FedProx proximal term mu/2 ||w - w_global||^2 added to each client's loss; "
+                           "0 = off (plain local training).", min=0.0)
+    fraction_fit: float = p(1.0, "Fraction of clients selected per round (at least min_fit_clients).", gt=0.0, max=1.0)
+    min_fit_clients: int = p(1, "Fewest clients a round trains; fewer available fails the round.", min=1)
+    seed: int = p(0, "Seed of the per-round client selection and of each round's local data order.", min=0)
+
+
+@dataclass(frozen=True)
 class BootstrapParams:
     resamples: int = p(
         1000, "Bootstrap resamples for every WER/CER confidence interval and paired comparison.", min=1000
@@ -222,6 +250,8 @@ class Params:
     finetune: FinetuneParams = p(None, "Per-client fine-tuning.", factory=FinetuneParams)
     aggregation: AggregationParams = p(None, "Merging the client models.", factory=AggregationParams)
     evaluate: EvaluateParams = p(None, "Decoding and scoring.", factory=EvaluateParams)
+    federated: FederatedParams = p(None, "Federated rounds (the `federate` stage; in progress).",
+                                   factory=FederatedParams)
 
 
 # --------------------------------------------------------------------------- validation
@@ -444,6 +474,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "aggregate": ("aggregation", "clients"),
     "evaluate": ("evaluate",),
     "report": ("clients", "evaluate"),  # evaluate.bootstrap only (dvc.yaml names that sub-key)
+    "federate": ("federated", "finetune", "clients"),
 }
 
 

@@ -52,8 +52,11 @@ def wer_metric(tokenizer, normalizer: str) -> Callable:
 
 
 def build_trainer(ft: FinetuneParams, model, tokenizer, multilingual: bool, train_ds, eval_ds, output_dir: Path,
-                  callbacks: Sequence = (), normalizer: str = "english", cache_encoder: bool = True):
-    """A ``Seq2SeqTrainer`` with our collator and generated-text WER; ``train_ds``/``eval_ds`` have audio + text."""
+                  callbacks: Sequence = (), normalizer: str = "english", cache_encoder: bool = True,
+                  trainer_cls: Optional[type] = None):
+    """A ``Seq2SeqTrainer`` with our collator and generated-text WER; ``train_ds``/``eval_ds`` have audio + text.
+
+    ``trainer_cls`` replaces ``Seq2SeqTrainer`` by a subclass (federated rounds: the FedProx loss)."""
     from transformers import Seq2SeqTrainer
 
     configure_model(model, ft, multilingual)
@@ -67,7 +70,7 @@ def build_trainer(ft: FinetuneParams, model, tokenizer, multilingual: bool, trai
     args = training_arguments(ft, output_dir, ft.eval_steps if eval_ds is not None else 0, gen_max)
     if cache_encoder:
         attach_encoder_cache(model, ft, collator, train_ds, eval_ds, args.device)
-    return Seq2SeqTrainer(
+    return (trainer_cls or Seq2SeqTrainer)(
         model=model,
         args=args,
         data_collator=collator,
