@@ -92,6 +92,20 @@ def test_offline_tokenizer_matches_bundled_tiny_en():
     assert hf.default_suppress_tokens(multilingual=False) == suppress
 
 
+def test_write_whisper_dir_gives_the_weights_the_same_permissions_as_the_other_files(tiny_random_dir, tmp_path):
+    """safetensors writes 0600; base, finetune and every other writer of a model directory follow the umask."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        hf.write_whisper_dir(hf.read_state_dict(tiny_random_dir), hf.load_config(tiny_random_dir), tmp_path / "m",
+                             tokenizer_from=tiny_random_dir)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "m").iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o644, modes
+
+
 def test_write_whisper_dir_replaces_atomically(tiny_random_dir, tmp_path):
     config = hf.load_config(tiny_random_dir)
     state = hf.read_state_dict(tiny_random_dir)

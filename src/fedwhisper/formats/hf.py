@@ -270,6 +270,13 @@ def _save_processor(tokenizer_from, num_mel_bins: int, dest: Path) -> None:
         tokenizer_from.feature_extractor.save_pretrained(dest)
 
 
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_whisper_dir(
     weights,
     config,
@@ -296,6 +303,7 @@ def write_whisper_dir(
     tmp = tmp_dir_for(out)
     try:
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        os.chmod(tmp / WEIGHTS_NAME, 0o666 & ~current_umask())  # safetensors writes 0600; match the other files
         config.save_pretrained(tmp)
         _save_processor(tokenizer_from, config.num_mel_bins, tmp)
         if generation_config is None:
