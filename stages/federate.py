@@ -2,7 +2,7 @@
 FedProx, client sampling) over the prepared clients, through the Flower apps in one process; writes
 models/federated/ and metrics/federated/ (rounds.tsv, client_loss.tsv, metrics.json).
 
-DVC (not part of the default pipeline): dvc repro pipelines/federated/dvc.yaml
+Not a DVC stage yet (run it after `dvc repro base prepare`); see the README's "Federated rounds".
 """
 
 import argparse

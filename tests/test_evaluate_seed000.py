@@ -3,6 +3,7 @@ logging, and its `text` -> `sentence` reference fallback."""
 
 import csv
 import json
+import time
 import struct
 from pathlib import Path
 
@@ -165,8 +166,13 @@ def test_wandb_offline_run_holds_the_seed_metrics(tiny_random_dir, sample_items,
     assert _stage()(["--model_dir", str(tiny_random_dir), "--dataset_name", str(data), "--out_dir", "eval",
                      "--precision", "fp32", "--wandb_run_name", "seed-eval", "--metrics_csv", "m.csv"]) == 0
     (run_file,) = (tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb")
-    records = _wandb_records(run_file)
-    runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    deadline = time.monotonic() + 60  # wandb's service process may still be flushing the offline file
+    while True:
+        records = _wandb_records(run_file)
+        runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+        if runs and any(r.WhichOneof("record_type") == "history" for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert runs and runs[0].display_name == "seed-eval"
     logged = {i.key or ".".join(i.nested_key): json.loads(i.value_json) for r in records
               if r.WhichOneof("record_type") == "history" for i in r.history.item}

@@ -76,7 +76,9 @@ def test_superlink_and_two_supernodes_run_two_rounds(tmp_path, tiny_random_dir):
     (home / "config.toml").write_text(f'[superlink]\ndefault = "test"\n\n[superlink.test]\n'
                                       f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
     env = {**os.environ, "FLWR_HOME": str(home), "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false",
+           # the SuperLink starts flower-superexec by name: the venv's bin must be on PATH however pytest was started
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     procs: list[subprocess.Popen] = []
 
     def start(name: str, *args: str) -> tuple[subprocess.Popen, Path]:

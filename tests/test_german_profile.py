@@ -148,8 +148,9 @@ def test_language_codes_and_null_are_accepted():
 def test_evaluate_override_language_is_validated(tmp_path):
     from fedwhisper.decode.settings import evaluate_params_with_overrides
 
-    with pytest.raises(ParamsError, match=r"evaluate\.language: got 'auto'"):
-        evaluate_params_with_overrides(PROFILE, {"language": "auto"})
+    with pytest.raises(ParamsError, match=r"evaluate\.language: got 'german' \(did you mean 'de'\?\)"):
+        evaluate_params_with_overrides(PROFILE, {"language": "german"})
+    assert evaluate_params_with_overrides(PROFILE, {"language": "auto"}).language is None  # --language auto
     assert evaluate_params_with_overrides(PROFILE, {}).language == "de"
 
 
