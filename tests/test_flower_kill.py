@@ -186,7 +186,8 @@ def test_killed_supernodes_lose_nothing_finished(tmp_path, tiny_random_dir):
         t_kill = time.monotonic()
         failed = dep.finish(run)
         print(f"round 3 failed {time.monotonic() - t_kill:.0f} s after the kill")
-        assert run[0].returncode != 0, failed[-4000:]
+        # `flwr run --stream` itself exits 0 here (Flower 1.42); the stream says the ServerApp failed, and why
+        assert "ServerApp raised an exception" in failed and "Exit Code: 201" in failed, failed[-4000:]
         assert ("round 3: 1 client model(s) came back, fewer than federated.min_fit_clients=2; the global model of "
                 "round 2 is kept unchanged (s2: Error: Node Unavailable") in failed, failed[-4000:]
         assert "round 2: 1 client(s) failed: s3: Error: Node Unavailable" in failed
