@@ -150,6 +150,13 @@ class Deployment:
             return []
         return [(c, int(r)) for c, r, _ in (line.split("\t") for line in self.journal.read_text().splitlines())]
 
+    def resumed_round(self) -> int:
+        """The round of the resume point, 0 when there is none (yet, or for the instant it is swapped)."""
+        try:
+            return int(json.loads((self.resume / "resume.json").read_text())["round"])
+        except (OSError, ValueError, KeyError):
+            return 0
+
     def rounds_tsv(self) -> list[list[str]]:
         return [r.split("\t") for r in (self.metrics / "rounds.tsv").read_text().splitlines()[1:]]
 
@@ -176,8 +183,9 @@ def test_killed_supernodes_lose_nothing_finished(tmp_path, tiny_random_dir):
         dep.kill_node("s3")
         t_kill = time.monotonic()
         # round 2 goes on without s3, once the SuperLink has given up on its heartbeat
-        wait_for("s2 paused in round 3", dep.marker("s2").exists, RUN_TIMEOUT_S, [run])
+        wait_for("round 2 finished", lambda: dep.resumed_round() == 2, RUN_TIMEOUT_S, [run])
         print(f"\nround 2 finished without s3 {time.monotonic() - t_kill:.0f} s after the kill")
+        wait_for("s2 paused in round 3", dep.marker("s2").exists, RUN_TIMEOUT_S, [run])
         point = json.loads((dep.resume / "resume.json").read_text())
         assert point["round"] == 2 and point["records"][1]["clients"] == ["s1", "s2"]
         round2 = digests(dep.resume)  # round 3 has started: the point of round 2 is on disk
@@ -212,6 +220,7 @@ def test_killed_supernodes_lose_nothing_finished(tmp_path, tiny_random_dir):
     finally:
         stop(dep.procs)
     assert "Strategy execution finished" in second
+    assert "resuming after round 2 of 3" in second and "round 3: training s1, s2" in second
     assert sorted(trained_before) == [("s1", 1), ("s1", 2), ("s1", 3), ("s2", 1), ("s2", 2), ("s2", 3),
                                       ("s3", 1), ("s3", 2)]
     assert sorted(dep.trained()[len(trained_before):]) == [("s1", 3), ("s2", 3)]  # rounds 1-2 not trained again

@@ -337,6 +337,20 @@ def ensure_task_identity(run_id: int = 1) -> None:
 
 # --------------------------------------------------------------------------- server side
 
+def show_logs_in_flower_process() -> None:
+    """A ServerApp process that Flower starts has no logging set up but Flower's own, so fedwhisper's INFO lines
+    (which clients a round trains, a resume) went nowhere; hand them to Flower's console handler, which
+    ``flwr run --stream`` and ``flwr log`` carry. A process that set up logging itself (the DVC stage, pytest) is
+    left as it is."""
+    ours = logging.getLogger("fedwhisper")
+    if ours.handlers or logging.getLogger().handlers:
+        return
+    from flwr.common.logger import console_handler
+
+    ours.addHandler(console_handler)
+    ours.setLevel(logging.INFO)
+
+
 def run_server(grid: Grid, fed: FederatedParams, initial_state: Mapping[str, torch.Tensor], *,
                evaluate: bool = True, work_dir: str | Path | None = None,
                on_round: Callable[[RoundRecord, dict[str, torch.Tensor], ServerOptimizer], None] | None = None,
@@ -346,6 +360,9 @@ def run_server(grid: Grid, fed: FederatedParams, initial_state: Mapping[str, tor
     """Rounds ``rounds_done + 1 .. fed.rounds`` over ``grid`` from ``initial_state`` (the global model after
     ``rounds_done`` rounds, with the server optimiser's ``optimizer_state``); returns the final global model and one
     record per round run here."""
+    show_logs_in_flower_process()
+    if rounds_done:
+        log.info("resuming after round %d of %d (the server optimiser's state restored)", rounds_done, fed.rounds)
     strategy = FedWhisperStrategy(fed, evaluate=evaluate, work_dir=work_dir, on_round=on_round,
                                   wait_for_nodes_s=wait_for_nodes_s, rounds_done=rounds_done)
     if optimizer_state:
