@@ -301,8 +301,11 @@ def test_flower_round_with_a_node_gone_keeps_the_last_global_model(site_configs,
     assert [r for r, _ in finished] == [1]
     messages = list(strategy.configure_train(2, arrays, ConfigRecord(), grid))
     grid.down.add(messages[0].metadata.dst_node_id)  # a SuperNode dies mid-round: its reply never comes
-    with pytest.raises(FederatedError, match="1 client model.s. came back, fewer than federated.min_fit_clients=2"):
+    gone = grid.nodes[messages[0].metadata.dst_node_id]["client"]
+    with pytest.raises(FederatedError, match="1 client model.s. came back, fewer than federated.min_fit_clients=2"
+                       ) as failed:
         strategy.aggregate_train(2, grid.send_and_receive(messages))
+    assert f"({gone}: no reply in time)" in str(failed.value)  # the site that failed, by client name
     assert [r for r, _ in finished] == [1]  # round 1's model is the last finished one, untouched
     assert all(torch.equal(finished[0][1][k], strategy.current[k]) for k in start)
 

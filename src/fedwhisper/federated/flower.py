@@ -61,6 +61,7 @@ class FedWhisperStrategy(Strategy):
         self.names: dict[int, str] = {}  # node id -> client name
         self.current: dict[str, torch.Tensor] | None = None
         self.records: list[RoundRecord] = []
+        self._sent: list[tuple[str, Message]] = []  # this round's train messages, by client name
         self._t0 = 0.0
 
     def summary(self) -> None:
@@ -117,8 +118,18 @@ class FedWhisperStrategy(Strategy):
         cfg = ConfigRecord({**dict(config), "server-round": server_round, "local-steps": self.fed.local_steps,
                             "proximal-mu": float(self.fed.proximal_mu)})
         log.info("round %d: training %s", server_round, ", ".join(chosen))
-        return [Message(content=RecordDict({"arrays": arrays, "config": cfg}), message_type="train",
-                        dst_node_id=by_name[c]) for c in chosen]
+        self._sent = [(c, Message(content=RecordDict({"arrays": arrays, "config": cfg}), message_type="train",
+                                  dst_node_id=by_name[c])) for c in chosen]
+        return [msg for _, msg in self._sent]
+
+    def _sent_to(self, reply: Message) -> str:
+        """The client a reply answers. An error reply made by the SuperLink (a node that stopped sending
+        heartbeats) comes from the SuperLink's node id, so it is matched by the message it replies to (the grid
+        sets message ids on the messages it pushes)."""
+        for name, msg in self._sent:
+            if msg.metadata.message_id and msg.metadata.message_id == reply.metadata.reply_to_message_id:
+                return name
+        return self.names.get(reply.metadata.src_node_id, f"node {reply.metadata.src_node_id}")
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
@@ -127,13 +138,18 @@ class FedWhisperStrategy(Strategy):
             raise FederatedError("internal: aggregate_train before configure_train")
         updates: list[ClientUpdate] = []
         failed = []
+        answered = set()
         for reply in replies:
             if reply.has_error():
-                failed.append(f"node {reply.metadata.src_node_id}: {reply.error.reason}")
+                name = self._sent_to(reply)
+                answered.add(name)
+                failed.append(f"{name}: {reply.error.reason}")
                 continue
             m = reply.content["metrics"]
             updates.append(ClientUpdate(str(reply.content["client"]["name"]), from_record(reply.content["arrays"]),
                                         int(m["num-examples"]), float(m["train_loss"])))
+            answered.add(updates[-1].name)
+        failed += [f"{name}: no reply in time" for name, _ in self._sent if name not in answered]
         if failed:
             log.warning("round %d: %d client(s) failed: %s", server_round, len(failed), "; ".join(failed))
         if len(updates) < self.fed.min_fit_clients:
@@ -321,6 +337,20 @@ def ensure_task_identity(run_id: int = 1) -> None:
 
 # --------------------------------------------------------------------------- server side
 
+def show_logs_in_flower_process() -> None:
+    """A ServerApp process that Flower starts has no logging set up but Flower's own, so fedwhisper's INFO lines
+    (which clients a round trains, a resume) went nowhere; hand them to Flower's console handler, which
+    ``flwr run --stream`` and ``flwr log`` carry. A process that set up logging itself (the DVC stage, pytest) is
+    left as it is."""
+    ours = logging.getLogger("fedwhisper")
+    if ours.handlers or logging.getLogger().handlers:
+        return
+    from flwr.common.logger import console_handler
+
+    ours.addHandler(console_handler)
+    ours.setLevel(logging.INFO)
+
+
 def run_server(grid: Grid, fed: FederatedParams, initial_state: Mapping[str, torch.Tensor], *,
                evaluate: bool = True, work_dir: str | Path | None = None,
                on_round: Callable[[RoundRecord, dict[str, torch.Tensor], ServerOptimizer], None] | None = None,
@@ -330,6 +360,9 @@ def run_server(grid: Grid, fed: FederatedParams, initial_state: Mapping[str, tor
     """Rounds ``rounds_done + 1 .. fed.rounds`` over ``grid`` from ``initial_state`` (the global model after
     ``rounds_done`` rounds, with the server optimiser's ``optimizer_state``); returns the final global model and one
     record per round run here."""
+    show_logs_in_flower_process()
+    if rounds_done:
+        log.info("resuming after round %d of %d (the server optimiser's state restored)", rounds_done, fed.rounds)
     strategy = FedWhisperStrategy(fed, evaluate=evaluate, work_dir=work_dir, on_round=on_round,
                                   wait_for_nodes_s=wait_for_nodes_s, rounds_done=rounds_done)
     if optimizer_state:
