@@ -210,3 +210,26 @@ def test_basic_normaliser_keeps_umlauts_and_sharp_s():
     ]
     scores = score_corpus(["Die Straße ist voll."], ["die strasse ist voll"], normalizer="basic")
     assert scores["wer"] == 25.0  # ß and ss are different words: nothing folds them together
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_german_profile_has_every_key_of_params_yaml_and_differs_only_where_marked_de():
+    """`cp params-de.yaml params.yaml && dvc repro` must not lose a key a stage reads (it once lacked
+    evaluate.bootstrap, and `report` failed with "Parameters 'evaluate.bootstrap' are missing")."""
+    import yaml
+
+    default = _flat(yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8")))
+    profile = _flat(yaml.safe_load(PROFILE.read_text(encoding="utf-8")))
+    assert sorted(set(default) ^ set(profile)) == []
+    marked = {"data.path", "data.columns.client", "base.source", "clients", "finetune.language", "evaluate.language",
+              "evaluate.normalizer"}
+    assert {key for key in default if default[key] != profile[key]} == marked
