@@ -26,7 +26,13 @@ REGIONS = ["de-m3", "de-f2", "de-klatt3", "de-f4"]
 # --------------------------------------------------------------------------- the bundled multilingual base
 
 
-def test_bundled_multilingual_base_converts_and_transcribes_german(tmp_path):
+@pytest.fixture(scope="module")
+def multilingual_base(tmp_path_factory) -> Path:
+    """The bundled whisper-base converted once for this module."""
+    return materialize_base(BUNDLED_MULTILINGUAL, tmp_path_factory.mktemp("ml_base") / "base")
+
+
+def test_bundled_multilingual_base_converts_and_transcribes_german(multilingual_base):
     """The real whisper-base from the two packages: dims, tokenizer, 99 languages, and one German test clip that it
     detects as German and transcribes close to the reference."""
     from transformers import WhisperForConditionalGeneration, WhisperProcessor
@@ -35,7 +41,7 @@ def test_bundled_multilingual_base_converts_and_transcribes_german(tmp_path):
     from fedwhisper.audio import load_16k_mono
     from fedwhisper.decode.metrics import score_corpus
 
-    out = materialize_base(BUNDLED_MULTILINGUAL, tmp_path / "base")
+    out = multilingual_base
     config = json.loads((out / "config.json").read_text())
     assert (config["d_model"], config["encoder_layers"], config["decoder_layers"]) == (512, 6, 6)
     assert (config["encoder_attention_heads"], config["vocab_size"]) == (8, 51865)
@@ -57,6 +63,23 @@ def test_bundled_multilingual_base_converts_and_transcribes_german(tmp_path):
     text = processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
     assert BasicTextNormalizer()(text).split()[:2] == ["ich", "möchte"], text
     assert score_corpus([reference], [text], normalizer="basic")["wer"] <= 40.0, (reference, text)
+
+
+def test_every_backend_detects_the_same_language_on_german_speech(multilingual_base):
+    """Auto-detect (language None) on real audio: all three backends detect each clip's language from the same
+    features (the audio padded to 30 s with silence, as openai-whisper does), so they agree. de-m3_test_002 is German
+    to all three (faster-whisper's own detect_language, which pads the log-mel with zeros, says `pl`);
+    de-f4_test_000 is one of the clips whisper-base takes for English (README)."""
+    from fedwhisper.audio import load_16k_mono
+    from fedwhisper.decode.backends import BACKENDS, DecodeOptions, open_backend
+
+    clips = [load_16k_mono(SAMPLE_DE / "test" / name) for name in ("de-m3_test_002.mp3", "de-f4_test_000.mp3")]
+    detected = {}
+    for backend in BACKENDS:
+        with open_backend(backend, multilingual_base, DecodeOptions(language=None, max_new_tokens=2, device="cpu")) as b:
+            detected[backend] = [d.language for d in b.decode_short(clips)]
+    assert detected["transformers"][0] == "de", detected
+    assert detected["transformers"] == detected["openai-whisper"] == detected["ctranslate2"], detected
 
 
 def test_split_model_bin_streams_as_one_file(tiny_random_dir, tmp_path):
@@ -210,3 +233,26 @@ def test_basic_normaliser_keeps_umlauts_and_sharp_s():
     ]
     scores = score_corpus(["Die Straße ist voll."], ["die strasse ist voll"], normalizer="basic")
     assert scores["wer"] == 25.0  # ß and ss are different words: nothing folds them together
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_german_profile_has_every_key_of_params_yaml_and_differs_only_where_marked_de():
+    """`cp params-de.yaml params.yaml && dvc repro` must not lose a key a stage reads (it once lacked
+    evaluate.bootstrap, and `report` failed with "Parameters 'evaluate.bootstrap' are missing")."""
+    import yaml
+
+    default = _flat(yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8")))
+    profile = _flat(yaml.safe_load(PROFILE.read_text(encoding="utf-8")))
+    assert sorted(set(default) ^ set(profile)) == []
+    marked = {"data.path", "data.columns.client", "base.source", "clients", "finetune.language", "evaluate.language",
+              "evaluate.normalizer"}
+    assert {key for key in default if default[key] != profile[key]} == marked

@@ -187,7 +187,8 @@ def run_finetune(
     }
     if trainer.is_world_process_zero():
         summary = {k: metrics[k] for k in ("client", "train_samples", "global_step", "epochs")}
-        summary.update(base_model=str(base_dir), multilingual=multilingual, params=to_dict(ft))
+        summary.update(base_model=str(base_dir), multilingual=multilingual, params=to_dict(ft),
+                       label_prefix=tokenizer.convert_ids_to_tokens(prefix))  # what every label starts with
         export_client_model(trainer.model, base_dir, out_dir, summary)
         write_json_atomic(metrics_file, metrics)
         prune_checkpoints(checkpoint_dir)
