@@ -475,6 +475,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "evaluate": ("evaluate",),
     "report": ("clients", "evaluate"),  # evaluate.bootstrap only (dvc.yaml names that sub-key)
     "federate": ("federated", "finetune", "clients"),
+    "centralise": ("finetune", "clients"),  # the centralised upper bound: finetune's params, the clients pooled
+    "compare": ("clients", "evaluate"),  # evaluate.bootstrap only, like report
 }
 
 
