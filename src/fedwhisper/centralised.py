@@ -26,12 +26,8 @@ from fedwhisper.train.client_data import load_client_splits
 from fedwhisper.train.collator import label_prefix
 from fedwhisper.train.curves import DVCLiveCurves
 from fedwhisper.train.model_setup import load_base
-from fedwhisper.train.resume import (
-    checkpoint_step, file_digest, prune_checkpoints, resume_point, run_fingerprint,
-)
-from fedwhisper.train.trainer import (
-    _last_eval, build_trainer, export_client_model, mean_train_loss, write_json_atomic,
-)
+from fedwhisper.train.resume import file_digest, prune_checkpoints, resume_point, run_fingerprint
+from fedwhisper.train.trainer import _last_eval, build_trainer, export_client_model, run_figures, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -113,23 +109,9 @@ def run_centralised(
     seconds = time.monotonic() - t0
     curves.close()
 
-    state = trainer.state
-    metrics = {
-        "clients": list(clients),
-        "train_samples": len(train_ds),
-        "train_samples_per_client": counts,
-        "dropped_long_labels": dropped,
-        "one_shot_steps_per_client": client_steps,
-        "max_steps": total_steps,
-        "global_step": state.global_step,
-        "epochs": round(float(state.epoch or 0.0), 4),
-        "train_loss": round(mean_train_loss(state.log_history, result.training_loss), 6),
-        "eval_items": len(eval_ds) if eval_ds is not None else 0,
-        "eval_wer": round(final_eval["eval_wer"], 4) if final_eval and final_eval["eval_wer"] is not None else None,
-        "eval_cer": round(final_eval["eval_cer"], 4) if final_eval and final_eval["eval_cer"] is not None else None,
-        "resumed_from_step": checkpoint_step(resume),
-        "train_seconds": round(seconds, 2),
-    }
+    metrics = {"clients": list(clients), "train_samples_per_client": counts, "one_shot_steps_per_client": client_steps,
+               "max_steps": total_steps,
+               **run_figures(trainer, result, train_ds, eval_ds, final_eval, resume, seconds, dropped)}
     summary = {k: metrics[k] for k in ("clients", "train_samples", "max_steps", "global_step", "epochs")}
     summary.update(base_model=str(base_dir), multilingual=multilingual, params=to_dict(ft))
     export_client_model(trainer.model, base_dir, out_dir, summary)
