@@ -1,8 +1,8 @@
-"""Federated rounds (issue 14, in progress): params.yaml `federated` (rounds, local steps, strategy, server optimiser,
-FedProx, client sampling) over the prepared clients, through the Flower apps in one process; writes
-models/federated/ and metrics/federated/ (rounds.tsv, client_loss.tsv, metrics.json).
+"""Federated rounds: params.yaml `federated` (rounds, local steps, strategy, server optimiser, FedProx, client
+sampling) over the prepared clients, through the Flower apps in one process; writes models/federated/ and
+metrics/federated/ (rounds.tsv, client_loss.tsv, DVCLive curves under live/, metrics.json).
 
-Not a DVC stage yet (run it after `dvc repro base prepare`); see the README's "Federated rounds".
+The `federate` stage of pipelines/federated/dvc.yaml (`make federated`); see the README's "Federated rounds".
 """
 
 import argparse

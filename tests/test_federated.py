@@ -327,6 +327,15 @@ def test_federate_stage_writes_a_loadable_model_and_round_curves(tiny_random_dir
     rounds = (metrics_dir / "rounds.tsv").read_text().splitlines()
     assert rounds[0].split("\t") == ["round", "train_loss", "eval_loss", "eval_wer", "seconds"] and len(rounds) == 3
     assert len((metrics_dir / "client_loss.tsv").read_text().splitlines()) == 3  # header + one client per round
+    live = metrics_dir / "live" / "plots" / "metrics"  # the DVCLive curves, x = step = round
+    assert (live / "train" / "loss.tsv").read_text().splitlines()[0].split("\t")[:2] == ["step", "loss"]
+    assert [ln.split("\t")[0] for ln in (live / "train" / "loss.tsv").read_text().splitlines()[1:]] == ["1", "2"]
+    picked = [c for (c,) in metrics["clients_per_round"]]
+    for client in set(picked):
+        steps = [ln.split("\t")[0] for ln in (live / "client" / client / "train_loss.tsv").read_text().splitlines()[1:]]
+        assert steps == [str(r + 1) for r, c in enumerate(picked) if c == client]
+    assert not (live / "global").exists()  # evaluate=False: no validation curves
+    assert sorted(p.name for p in metrics_dir.iterdir()) == ["client_loss.tsv", "live", "metrics.json", "rounds.tsv"]
     assert json.loads((metrics_dir / "metrics.json").read_text())["rounds_done"] == 2
     assert sorted(p.name for p in out.parent.iterdir()) == ["federated", "federated_resume"]  # no temp files left
 
@@ -350,6 +359,8 @@ def test_federate_resumes_after_the_last_finished_round(tiny_random_dir, two_sit
     again = run("a", 2, tmp_path / "resume-a")
     assert again["resumed_after_round"] == 1 and again["rounds_done"] == 2
     assert len((tmp_path / "metrics-a" / "rounds.tsv").read_text().splitlines()) == 3  # rounds 1 and 2
+    loss_curve = tmp_path / "metrics-a" / "live" / "plots" / "metrics" / "train" / "loss.tsv"
+    assert len(loss_curve.read_text().splitlines()) == 3  # the resumed run's curve has round 1 too
     straight = run("b", 2, tmp_path / "resume-b")
     assert straight["resumed_after_round"] == 0
     a, b = read_state_dict(tmp_path / "a"), read_state_dict(tmp_path / "b")

@@ -1,7 +1,9 @@
-"""End to end: the real `dvc repro` on reduced params in a temporary copy of the repo.
+"""End to end: the real `dvc repro` on reduced params in a temporary copy of the repo, then the federated pipeline
+(`dvc repro pipelines/federated/dvc.yaml`: 1 round of 1 local step, and the centralised upper bound).
 
-Checks the stage outputs and metrics keys, that a second repro does nothing, that changing `aggregation.*` re-runs
-only the aggregation stages, and that a fresh clone restores every output from a DVC remote with nothing recomputed.
+Checks the stage outputs and metrics keys, that a second repro does nothing, that changing `federated.rounds`
+re-runs only the federated branch and `aggregation.*` only the aggregation stages, and that a fresh clone restores
+every output of both pipelines from a DVC remote with nothing recomputed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENTS = ["en-us", "en-gb-scotland", "en-029", "en-gb-x-gbcwmd"]
+FEDERATED = "pipelines/federated/dvc.yaml"
+FED_STAGES = {f"{FEDERATED}:{s}" for s in ("federate", "centralise", "evaluate@federated", "evaluate@centralised",
+                                            "compare")}
 pytestmark = pytest.mark.slow
 
 
@@ -47,7 +52,8 @@ def _copy_repo(dest: Path) -> None:
     ).stdout.splitlines()
     for rel in files:
         src = ROOT / rel
-        if not src.is_file() or rel.startswith(("metrics/", "models/")) or rel == "dvc.lock":
+        # outputs and locks of the real runs (dvc.lock, pipelines/federated/dvc.lock) stay behind: built here anew
+        if not src.is_file() or rel.startswith(("metrics/", "models/")) or Path(rel).name == "dvc.lock":
             continue
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -59,11 +65,12 @@ def _reduce_params(path: Path) -> None:
     params["prepare"]["max_items_per_client"] = 4
     params["finetune"].update(max_steps=2, batch_size=2, eval_max_items=2, save_steps=1)
     params["evaluate"].update(batch_size=8, max_new_tokens=48)
+    params["federated"].update(rounds=1, local_steps=1)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 @pytest.fixture(scope="module")
-def pipeline_repo(tmp_path_factory) -> tuple[Path, str]:
+def pipeline_repo(tmp_path_factory) -> tuple[Path, str, str]:
     repo = tmp_path_factory.mktemp("e2e") / "repo"
     repo.mkdir()
     _copy_repo(repo)
@@ -72,11 +79,12 @@ def pipeline_repo(tmp_path_factory) -> tuple[Path, str]:
     run(["git", "add", "-A"], repo)
     run(["git", "commit", "-qm", "e2e"], repo)
     output = run(["dvc", "repro"], repo, timeout=1500)
-    return repo, output
+    federated = run(["dvc", "repro", FEDERATED], repo, timeout=1500)
+    return repo, output, federated
 
 
 def test_repro_runs_every_stage_and_writes_outputs(pipeline_repo):
-    repo, output = pipeline_repo
+    repo, output, _ = pipeline_repo
     expected = {"base", "prepare", "aggregate", "evaluate@base", "evaluate@aggregated", "report"}
     expected |= {f"finetune@{c}" for c in CLIENTS} | {f"evaluate_client@{c}" for c in CLIENTS}
     assert stages_run(output) == expected
@@ -96,14 +104,56 @@ def test_repro_runs_every_stage_and_writes_outputs(pipeline_repo):
     assert "| base |" in report and "**aggregated**" in report
 
 
+def test_federated_pipeline_runs_its_stages_and_writes_the_four_way_report(pipeline_repo):
+    repo, _, output = pipeline_repo
+    assert stages_run(output) == FED_STAGES  # the root stages were up to date
+    for model in ("federated", "centralised"):
+        assert (repo / f"models/{model}/model.safetensors").is_file()
+        metrics = json.loads((repo / f"metrics/federated/eval/{model}.json").read_text())
+        assert all(isinstance(metrics[k], (int, float)) for k in ["wer", "wer_ci_low", *[f"wer_{c}" for c in CLIENTS]])
+    # written like a client's model: the base's generation config with the trained language/task (if multilingual)
+    assert json.loads((repo / "models/centralised/generation_config.json").read_text()) == json.loads(
+        (repo / f"models/clients/{CLIENTS[0]}/generation_config.json").read_text())
+    fed = json.loads((repo / "metrics/federated/metrics.json").read_text())
+    assert fed["rounds_done"] == 1 and len(fed["clients_per_round"][0]) == len(CLIENTS)
+    wer_curve = (repo / "metrics/federated/live/plots/metrics/global/eval_wer.tsv").read_text().splitlines()
+    assert wer_curve[0].split("\t")[:2] == ["step", "eval_wer"] and len(wer_curve) == 2
+    for c in CLIENTS:
+        assert (repo / f"metrics/federated/live/plots/metrics/client/{c}/train_loss.tsv").is_file()
+    # "same total steps": the centralised run takes as many optimizer steps as the four one-shot clients together
+    central = json.loads((repo / "metrics/federated/centralise.json").read_text())
+    one_shot = {c: json.loads((repo / f"metrics/finetune/{c}.json").read_text())["global_step"] for c in CLIENTS}
+    assert central["one_shot_steps_per_client"] == one_shot
+    assert central["global_step"] == sum(one_shot.values()) and central["train_samples"] == sum(
+        central["train_samples_per_client"].values())
+    report = (repo / "metrics/federated/report.md").read_text()
+    for label in ("| local-only |", "| one-shot merge |", "| federated rounds |", "| centralised |",
+                  "federated rounds vs one-shot merge", "federated rounds vs centralised", "Gap to centralised"):
+        assert label in report, label
+    comparison = json.loads((repo / "metrics/federated/comparison.json").read_text())
+    assert comparison["federated/gap_to_centralised"] == pytest.approx(
+        comparison["federated/wer"] - comparison["centralised/wer"], abs=1e-3)
+
+
 def test_second_repro_does_nothing(pipeline_repo):
-    repo, _ = pipeline_repo
-    output = run(["dvc", "repro"], repo)
-    assert stages_run(output) == set()
+    repo, _, _ = pipeline_repo
+    assert stages_run(run(["dvc", "repro"], repo)) == set()
+    assert stages_run(run(["dvc", "repro", FEDERATED], repo)) == set()
+
+
+def test_federated_rounds_change_reruns_only_the_federated_branch(pipeline_repo):
+    """`dvc exp run pipelines/federated/dvc.yaml -S federated.rounds=2`: the second round continues from the
+    first (the resume point), and neither the centralised model nor any root stage runs again."""
+    repo, _, _ = pipeline_repo
+    output = run(["dvc", "exp", "run", FEDERATED, "-S", "federated.rounds=2"], repo)
+    assert stages_run(output) == {f"{FEDERATED}:{s}" for s in ("federate", "evaluate@federated", "compare")}
+    fed = json.loads((repo / "metrics/federated/metrics.json").read_text())
+    assert fed["rounds_done"] == 2 and fed["resumed_after_round"] == 1
+    assert len((repo / "metrics/federated/rounds.tsv").read_text().splitlines()) == 3  # header + 2 rounds
 
 
 def test_aggregation_change_reruns_only_aggregation_stages(pipeline_repo):
-    repo, _ = pipeline_repo
+    repo, _, _ = pipeline_repo
     output = run(["dvc", "exp", "run", "-S", "aggregation.weights=[0.4,0.3,0.2,0.1]"], repo)
     assert stages_run(output) == {"aggregate", "evaluate@aggregated", "report"}
     aggregate = json.loads((repo / "metrics/aggregate.json").read_text())
@@ -113,7 +163,9 @@ def test_aggregation_change_reruns_only_aggregation_stages(pipeline_repo):
 
 
 def test_fresh_clone_restores_outputs_from_remote(pipeline_repo, tmp_path):
-    repo, _ = pipeline_repo
+    repo, _, _ = pipeline_repo
+    # the one-shot merge changed (previous test): of the federated pipeline only the comparison depends on it
+    assert stages_run(run(["dvc", "repro", FEDERATED], repo)) == {f"{FEDERATED}:compare"}
     remote = tmp_path / "remote"
     run(["dvc", "remote", "add", "-f", "-d", "local", str(remote)], repo)
     run(["dvc", "push"], repo)
@@ -125,4 +177,7 @@ def test_fresh_clone_restores_outputs_from_remote(pipeline_repo, tmp_path):
     for c in CLIENTS:
         assert (clone / f"models/clients/{c}/model.safetensors").is_file()
     assert (clone / "models/aggregated/model.safetensors").is_file()
+    for model in ("federated", "centralised"):
+        assert (clone / f"models/{model}/model.safetensors").is_file()
     assert stages_run(run(["dvc", "repro"], clone)) == set()
+    assert stages_run(run(["dvc", "repro", FEDERATED], clone)) == set()

@@ -250,7 +250,7 @@ class Params:
     finetune: FinetuneParams = p(None, "Per-client fine-tuning.", factory=FinetuneParams)
     aggregation: AggregationParams = p(None, "Merging the client models.", factory=AggregationParams)
     evaluate: EvaluateParams = p(None, "Decoding and scoring.", factory=EvaluateParams)
-    federated: FederatedParams = p(None, "Federated rounds (the `federate` stage; in progress).",
+    federated: FederatedParams = p(None, "Federated rounds (`federate` in pipelines/federated/dvc.yaml).",
                                    factory=FederatedParams)
 
 
@@ -475,6 +475,8 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "evaluate": ("evaluate",),
     "report": ("clients", "evaluate"),  # evaluate.bootstrap only (dvc.yaml names that sub-key)
     "federate": ("federated", "finetune", "clients"),
+    "centralise": ("finetune", "clients"),  # the centralised upper bound: finetune's params, the clients pooled
+    "compare": ("clients", "evaluate"),  # evaluate.bootstrap only, like report
 }
 
 

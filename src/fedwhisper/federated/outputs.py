@@ -1,9 +1,11 @@
-"""What a federated run leaves behind: the final global model as a canonical HF Whisper directory, per-round TSV
-curves (global validation WER and loss, client losses) and a metrics JSON, each written atomically."""
+"""What a federated run leaves behind: the final global model as a canonical HF Whisper directory, per-round
+curves (global validation WER and loss, client losses) as plain TSV tables and as DVCLive plots, and a metrics
+JSON, each written atomically."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -14,6 +16,8 @@ import torch
 from fedwhisper.atomic import remove_stale_siblings, write_text_atomic
 from fedwhisper.federated.rounds import RoundRecord
 from fedwhisper.params import FederatedParams, to_dict
+
+log = logging.getLogger(__name__)
 
 ROUND_COLUMNS = ("round", "train_loss", "eval_loss", "eval_wer", "seconds")
 
@@ -32,6 +36,38 @@ def write_round_curves(records: Sequence[RoundRecord], metrics_dir: str | Path) 
         f"{r.server_round}\t{c}\t{_cell(r.client_loss[c])}\t{r.client_examples[c]}" for r in records
         for c in r.clients]
     write_text_atomic(d / "client_loss.tsv", "\n".join(rows) + "\n")
+
+
+def write_live_curves(records: Sequence[RoundRecord], live_dir: str | Path) -> None:
+    """The same curves as DVCLive plots, x = ``step`` = round: ``<live_dir>/plots/metrics/global/eval_wer.tsv``,
+    ``global/eval_loss.tsv``, ``train/loss.tsv`` (mean client loss) and ``client/<name>/train_loss.tsv``.
+
+    Rewritten whole from ``records`` (a resumed run's earlier rounds included) in a staging dir swapped in after.
+    DVCLive writes only the TSVs here: no dvc.yaml, no DVC experiment, no summary (see ``metrics.json``)."""
+    from dvclive import Live
+
+    from fedwhisper.formats.hf import replace_dir
+
+    out = Path(live_dir)
+    remove_stale_siblings(out)
+    staging = out.with_name(f"{out.name}.staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        live = Live(str(staging), resume=False, report=None, save_dvc_exp=False, dvcyaml=None)
+        for r in records:
+            live.step = r.server_round
+            live.log_metric("train/loss", float(r.train_loss))
+            if r.eval_loss is not None:
+                live.log_metric("global/eval_loss", float(r.eval_loss))
+            if r.eval_wer is not None:
+                live.log_metric("global/eval_wer", float(r.eval_wer))
+            for c in r.clients:
+                live.log_metric(f"client/{c}/train_loss", float(r.client_loss[c]))
+        (staging / "plots" / "metrics").mkdir(parents=True, exist_ok=True)  # no round yet: an empty plot dir
+        replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def federated_metrics(fed: FederatedParams, records: Sequence[RoundRecord]) -> dict:

@@ -20,7 +20,9 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedwhisper.atomic import write_text_atomic
 from fedwhisper.federated.flower import InProcessGrid, ensure_task_identity, run_server
-from fedwhisper.federated.outputs import federated_metrics, write_global_model, write_round_curves
+from fedwhisper.federated.outputs import (
+    federated_metrics, write_global_model, write_live_curves, write_round_curves,
+)
 from fedwhisper.params import FederatedParams, load_params
 
 log = logging.getLogger(__name__)
@@ -32,8 +34,8 @@ def serve(grid: Grid, fed: FederatedParams, *, base_dir: str | Path, out_dir: st
           fingerprint: Optional[dict] = None) -> dict:
     """Run ``fed.rounds`` rounds over ``grid`` from the model in ``base_dir``; write the outputs; return metrics.
 
-    The curves (and, with ``resume_dir``, the resume point) are rewritten after every finished round; the model
-    directory once, at the end. A matching resume point (``fingerprint``) continues after its last round."""
+    The curves (TSV tables, and DVCLive plots under ``<metrics_dir>/live``) and, with ``resume_dir``, the resume
+    point are rewritten after every finished round; the model directory once, at the end. A matching resume point (``fingerprint``) continues after its last round."""
     from fedwhisper.federated.resume import load_point, save_point
     from fedwhisper.federated.rounds import model_state
     from fedwhisper.train.model_setup import load_base
@@ -48,12 +50,14 @@ def serve(grid: Grid, fed: FederatedParams, *, base_dir: str | Path, out_dir: st
     def on_round(record, state, optimizer):
         done.append(record)
         write_round_curves(done, metrics_dir)
+        write_live_curves(done, metrics_dir / "live")
         if resume_dir is not None and fingerprint is not None:
             save_point(resume_dir, record.server_round, state, optimizer, done, fingerprint)
 
     state, _ = run_server(grid, fed, start, evaluate=evaluate, work_dir=Path(out_dir).parent, on_round=on_round,
                           wait_for_nodes_s=wait_for_nodes_s, rounds_done=rounds_done, optimizer_state=moments)
     write_round_curves(done, metrics_dir)
+    write_live_curves(done, metrics_dir / "live")
     metrics = federated_metrics(fed, done)
     metrics["resumed_after_round"] = rounds_done
     write_global_model(state, base_dir, out_dir, {"base_model": str(base_dir), **metrics})

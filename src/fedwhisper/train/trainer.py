@@ -127,6 +127,24 @@ def _last_eval(trainer) -> Optional[dict]:
     return None
 
 
+def run_figures(trainer, result, train_ds, eval_ds, final_eval: Optional[dict], resume: Optional[Path],
+                seconds: float, dropped: int) -> dict:
+    """A finished run's figures for its metrics JSON: items, steps, epochs, mean train loss, validation WER/CER."""
+    state = trainer.state
+    return {
+        "train_samples": len(train_ds),
+        "dropped_long_labels": dropped,
+        "global_step": state.global_step,
+        "epochs": round(float(state.epoch or 0.0), 4),
+        "train_loss": round(mean_train_loss(state.log_history, result.training_loss), 6),
+        "eval_items": len(eval_ds) if eval_ds is not None else 0,
+        "eval_wer": round(final_eval["eval_wer"], 4) if final_eval and final_eval["eval_wer"] is not None else None,
+        "eval_cer": round(final_eval["eval_cer"], 4) if final_eval and final_eval["eval_cer"] is not None else None,
+        "resumed_from_step": checkpoint_step(resume),
+        "train_seconds": round(seconds, 2),
+    }
+
+
 def run_finetune(
     ft: FinetuneParams,
     client: str,
@@ -171,20 +189,8 @@ def run_finetune(
     seconds = time.monotonic() - t0
     curves.close()
 
-    state = trainer.state
-    metrics = {
-        "client": client,
-        "train_samples": len(train_ds),
-        "dropped_long_labels": dropped,
-        "global_step": state.global_step,
-        "epochs": round(float(state.epoch or 0.0), 4),
-        "train_loss": round(mean_train_loss(state.log_history, result.training_loss), 6),
-        "eval_items": len(eval_ds) if eval_ds is not None else 0,
-        "eval_wer": round(final_eval["eval_wer"], 4) if final_eval and final_eval["eval_wer"] is not None else None,
-        "eval_cer": round(final_eval["eval_cer"], 4) if final_eval and final_eval["eval_cer"] is not None else None,
-        "resumed_from_step": checkpoint_step(resume),
-        "train_seconds": round(seconds, 2),
-    }
+    metrics = {"client": client, **run_figures(trainer, result, train_ds, eval_ds, final_eval, resume, seconds,
+                                                dropped)}
     if trainer.is_world_process_zero():
         summary = {k: metrics[k] for k in ("client", "train_samples", "global_step", "epochs")}
         summary.update(base_model=str(base_dir), multilingual=multilingual, params=to_dict(ft),
