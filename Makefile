@@ -35,9 +35,10 @@ federated: $(VENV)/.installed
 	$(BIN)/dvc repro pipelines/federated/dvc.yaml
 	@cat metrics/federated/report.md
 
-## make test: install the test requirements and run the test suite.
+## make test: install the test requirements and run the test suite, two test files at a time (pytest-xdist; loadfile
+## keeps each file's module fixtures, such as the end-to-end pipeline, on one worker), the 25 slowest listed.
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25
 
 ## make sweep: the seed's ten presets plus the other strategies, as queued DVC experiments, then one comparison.
 sweep: $(VENV)/.installed
