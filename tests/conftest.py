@@ -43,6 +43,18 @@ def make_tiny_random_dir(out: Path, multilingual: bool, seed: int = 0) -> Path:
     return hf.write_whisper_dir(model, config, out, tokenizer_from=tokenizer)
 
 
+# The test files that take minutes, longest first. `make test` runs files on two workers (pytest-xdist, loadfile),
+# handing out the next file in collection order whenever a worker is nearly idle; collected alphabetically, the
+# longest (test_pipeline_e2e.py) started last and set the suite's wall time. Longest first keeps the workers even.
+SLOWEST_FIRST = ("test_pipeline_e2e.py", "test_german_e2e.py", "test_flower_kill.py", "test_decode.py",
+                 "test_flower_deployment.py", "test_captioning.py", "test_federated.py", "test_centralised.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def private_hash_cache(tmp_path_factory):
     """Keep the sha256 and CTranslate2 caches of the test session (and of the stages it runs) out of the user's
