@@ -113,3 +113,36 @@ def test_the_script_names_an_unknown_voice_and_its_row(tmp_path):
     script = _script()
     with pytest.raises(script.CaptionCorpusError, match=r"metadata.csv row 2: voice 'de\+x9'"):
         script.build(source, tmp_path / "out", seed=0)
+
+
+def _slots_script():
+    spec = importlib.util.spec_from_file_location("caption_slots", ROOT / "scripts" / "caption_slots.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_caption_slots_reads_every_caption_of_the_corpus_back():
+    slots = _slots_script().slots
+    captions = {_script().caption(v, r) for v in ("de+m3", "de+f2", "de+klatt3", "de+f4") for r in (140, 160, 180)}
+    read = {tuple(slots(c)[k] for k in ("speaker", "pace", "echo")) for c in captions}
+    assert len(read) == 12 and all(None not in values for values in read)
+
+
+def test_caption_slots_scores_each_slot_and_counts_a_transcript_as_wrong(tmp_path, capsys):
+    script = _slots_script()
+    path = tmp_path / "p.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "reference", "hypothesis"])
+        writer.writerow(["a", "A man with a robotic voice speaks German slowly.",
+                         "A man speaks German slowly."])                    # speaker wrong, pace right
+        writer.writerow(["b", "A woman speaks German quickly, with an echo.",
+                         "a woman speaks german quickly with an echo"])     # all right, punctuation aside
+        writer.writerow(["c", "A man speaks German at a steady pace.",
+                         "The baker opens his shop early."])                # a translation: no slot stated
+    # echo: right when mentioned exactly where the reference has it (c never mentions one and has none)
+    assert script.score(script.read(path)) == {"speaker": (1, 3), "pace": (2, 3), "echo": (3, 3),
+                                                "caption": (1, 3)}
+    script.main([str(path)])
+    assert "| 1/3 (33.3%) | 2/3 (66.7%) | 3/3 (100.0%) | 1/3 (33.3%) |" in capsys.readouterr().out
