@@ -30,6 +30,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_sample_corpus import directory_bytes, replace_directory  # noqa: E402  (the English corpus script)
+
 SPEAKERS = {
     "de+m3": "A man",
     "de+f2": "A woman",
@@ -152,17 +155,13 @@ def main() -> None:
         rows = build(args.source.resolve(), tmp, args.seed)
         if keep_readme is not None:
             (tmp / "README.md").write_text(keep_readme, encoding="utf-8")
-        size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        size = directory_bytes(tmp)
         if size > MAX_BYTES:
             raise CaptionCorpusError(f"{out}: {size} bytes, over the {MAX_BYTES} allowed")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = out.with_name(f"{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_directory(tmp, out)
     for key in ("split", "speaker", "pace", "effect"):
         counts = Counter(row[key] or "-" for row in rows)
         print(f"{key:>8}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))

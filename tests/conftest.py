@@ -44,8 +44,8 @@ def make_tiny_random_dir(out: Path, multilingual: bool, seed: int = 0) -> Path:
 
 
 # The test files that take minutes, longest first. `make test` runs files on two workers (pytest-xdist, loadfile),
-# handing out the next file in collection order whenever a worker is nearly idle; collected alphabetically, the
-# longest (test_pipeline_e2e.py) started last and set the suite's wall time. Longest first keeps the workers even.
+# handing out the next file in collection order whenever a worker is nearly idle. Collected alphabetically, the
+# longest (test_pipeline_e2e.py) would start last; longest first lets the other worker run the rest meanwhile.
 SLOWEST_FIRST = ("test_pipeline_e2e.py", "test_german_e2e.py", "test_flower_kill.py", "test_decode.py",
                  "test_flower_deployment.py", "test_captioning.py", "test_federated.py", "test_centralised.py")
 

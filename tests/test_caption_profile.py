@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_german_profile import _flat  # the same flattening of params trees
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "data" / "sample-captions"
@@ -19,21 +20,19 @@ PROFILE = ROOT / "params-captions.yaml"
 AUDIO = {".mp3", ".ogg", ".flac", ".wav"}
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("make_caption_corpus", ROOT / "scripts" / "make_caption_corpus.py")
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+def _script():
+    return _load_script("make_caption_corpus")
+
+
+def _slots_script():
+    return _load_script("caption_slots")
 
 
 def _rows() -> list[dict]:
@@ -113,13 +112,6 @@ def test_the_script_names_an_unknown_voice_and_its_row(tmp_path):
     script = _script()
     with pytest.raises(script.CaptionCorpusError, match=r"metadata.csv row 2: voice 'de\+x9'"):
         script.build(source, tmp_path / "out", seed=0)
-
-
-def _slots_script():
-    spec = importlib.util.spec_from_file_location("caption_slots", ROOT / "scripts" / "caption_slots.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_caption_slots_reads_every_caption_of_the_corpus_back():
