@@ -4,13 +4,12 @@ Times full fine-tuning steps of a Whisper model (default: the pipeline's base, m
 and random labels, as `finetune` trains (AdamW, encoder and decoder trained, batch 8, fp32):
 - the step on Whisper's full 30 s window (3000 frames), split into encoder forward, decoder forward + loss,
   backward and optimizer step: the baseline;
-- the same step on shorter encoder windows (``--frames``), as a model would train on a window cut to its batch's
-  longest clip. The encoder's positional embeddings are fixed sinusoids (not trained), so a shorter window only uses
-  their first rows.
+- the same step on shorter encoder windows (``--frames``), as ``finetune.encoder_window: longest`` trains on a
+  window cut to its batch's longest clip (the library's ``WindowedWhisperEncoder``). The encoder's positional
+  embeddings are fixed sinusoids (not trained), so a shorter window only uses their first rows.
 
 Prints medians and each window's speed-up against the 30 s baseline measured in the same run. This measures speed
-only: whether a model trained on short windows still decodes well on the 30 s windows that inference uses is a
-separate question, which this bench does not answer.
+only; what the windows do to the trained models' WER is in the README ("Speed").
 
     python bench/train_step.py [--model models/base] [--batch 8] [--label_tokens 20] [--frames 1000 600] [--repeats 3]
 """
@@ -29,19 +28,15 @@ import torch
 FULL_FRAMES = 3000  # Whisper's 30 s window: 100 log-mel frames per second
 
 
-def shorten_encoder(model, frames: int):
-    """A copy of ``model`` whose encoder takes ``frames`` log-mel frames (its first ``frames // 2`` positions)."""
+def windowed_copy(model, frames: int):
+    """A copy of ``model`` whose encoder takes ``frames`` log-mel frames, as ``finetune.encoder_window: longest``
+    trains (``fedwhisper.train.encoder_window``: the first ``frames // 2`` positional embeddings)."""
+    from fedwhisper.train.encoder_window import enable_encoder_windows
+
     if frames % 2 or not 2 <= frames <= FULL_FRAMES:
         raise SystemExit(f"train_step: --frames {frames}: give an even number from 2 to {FULL_FRAMES}")
     model = copy.deepcopy(model)
-    encoder = model.model.encoder
-    positions = frames // 2
-    weight = encoder.embed_positions.weight.detach()[:positions].clone()
-    encoder.embed_positions = torch.nn.Embedding(positions, weight.shape[1])
-    encoder.embed_positions.weight.data.copy_(weight)
-    encoder.embed_positions.requires_grad_(False)
-    encoder.config.max_source_positions = positions
-    encoder.max_source_positions = positions
+    enable_encoder_windows(model)
     return model
 
 
@@ -87,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.label_tokens} label tokens, {torch.get_num_threads()} threads, {args.repeats} timed steps each")
     runs = {FULL_FRAMES: timed_steps(model, FULL_FRAMES, args.batch, args.label_tokens, args.repeats, args.seed)}
     for frames in args.frames:
-        runs[frames] = timed_steps(shorten_encoder(model, frames), frames, args.batch, args.label_tokens,
+        runs[frames] = timed_steps(windowed_copy(model, frames), frames, args.batch, args.label_tokens,
                                    args.repeats, args.seed)
     parts = list(runs[FULL_FRAMES][0])
     baseline = statistics.median(t["step"] for t in runs[FULL_FRAMES])

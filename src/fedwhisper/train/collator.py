@@ -21,6 +21,7 @@ import torch
 
 from fedwhisper.decode.features import log_mel_batch
 from fedwhisper.errors import ParamsError
+from fedwhisper.train.encoder_window import check_window, window_frames
 
 IGNORE_INDEX = -100  # positions the loss skips (torch.nn.CrossEntropyLoss ignore_index)
 
@@ -84,6 +85,9 @@ class WhisperCollator:
     With ``encoder_cache`` (item id -> encoder states, see ``encoder_cache.py``) a batch whose ids are all cached gets
     ``{"encoder_outputs", "labels"}`` instead, the states wrapped in ``cached_states`` (default ``BaseModelOutput``:
     the encoder's final output, so the model skips the encoder).
+
+    ``encoder_window="longest"`` keeps the first ``window_frames`` of the batch's 30 s features: the longest clip's
+    frames, rounded up to even (``encoder_window.py``; the model's encoder must take such windows).
     """
 
     tokenizer: object
@@ -93,6 +97,11 @@ class WhisperCollator:
     num_mel_bins: int = 80
     encoder_cache: Optional[dict[str, torch.Tensor]] = None
     cached_states: Optional[type] = None
+    encoder_window: str = "full"
+    full_frames: int = 3000
+
+    def __post_init__(self):
+        check_window(self.encoder_window)
 
     def __call__(self, rows: Sequence[dict]) -> dict:
         labels = [label_ids(self.tokenizer, str(r["text"]), self.prefix, self.eot_id) for r in rows]
@@ -103,4 +112,7 @@ class WhisperCollator:
             hidden = torch.stack([self.encoder_cache[str(r["id"])] for r in rows])
             return {"encoder_outputs": (self.cached_states or BaseModelOutput)(last_hidden_state=hidden), "labels": labels}
         audio = [np.array(r["audio"], dtype=np.float32) for r in rows]  # a copy: memory-mapped rows are read-only
-        return {"input_features": log_mel_batch(audio, self.num_mel_bins), "labels": labels}
+        features = log_mel_batch(audio, self.num_mel_bins)
+        if self.encoder_window == "longest":
+            features = features[..., : window_frames([len(a) for a in audio], self.full_frames)].contiguous()
+        return {"input_features": features, "labels": labels}

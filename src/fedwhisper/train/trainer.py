@@ -9,6 +9,7 @@ with DVCLive curves (``curves``), evaluates, and writes ``models/clients/<client
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ from fedwhisper.train.client_data import as_training_rows, load_client_splits
 from fedwhisper.train.collator import IGNORE_INDEX, WhisperCollator, label_ids, label_prefix
 from fedwhisper.train.curves import DVCLiveCurves
 from fedwhisper.train.encoder_cache import attach_encoder_cache
+from fedwhisper.train.encoder_window import enable_encoder_windows, full_frames
 from fedwhisper.train.model_setup import configure_model, load_base
 from fedwhisper.train.resume import checkpoint_step, prune_checkpoints, resume_point, run_fingerprint
 from fedwhisper.train.training_args import training_arguments
@@ -62,7 +64,8 @@ def build_trainer(ft: FinetuneParams, model, tokenizer, multilingual: bool, trai
     configure_model(model, ft, multilingual)
     prefix = label_prefix(tokenizer, multilingual, ft.language, ft.task)
     eot = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    collator = WhisperCollator(tokenizer, prefix, eot, model.config.decoder_start_token_id, model.config.num_mel_bins)
+    collator = WhisperCollator(tokenizer, prefix, eot, model.config.decoder_start_token_id, model.config.num_mel_bins,
+                               full_frames=full_frames(model.config))
     gen_max = model.config.max_target_positions
     if eval_ds is not None and len(eval_ds):
         longest = max(len(label_ids(tokenizer, t, prefix, eot)) for t in eval_ds["text"])
@@ -70,7 +73,12 @@ def build_trainer(ft: FinetuneParams, model, tokenizer, multilingual: bool, trai
     args = training_arguments(ft, output_dir, ft.eval_steps if eval_ds is not None else 0, gen_max)
     if cache_encoder:
         attach_encoder_cache(model, ft, collator, train_ds, eval_ds, args.device)
-    return (trainer_cls or Seq2SeqTrainer)(
+    train_collator = collator
+    if ft.encoder_window != "full":  # training batches on shorter windows; validation keeps 30 s (encoder_window.py)
+        enable_encoder_windows(model)
+        train_collator = dataclasses.replace(collator, encoder_window=ft.encoder_window)
+        trainer_cls = train_collator_class(trainer_cls or Seq2SeqTrainer)
+    trainer = (trainer_cls or Seq2SeqTrainer)(
         model=model,
         args=args,
         data_collator=collator,
@@ -80,6 +88,29 @@ def build_trainer(ft: FinetuneParams, model, tokenizer, multilingual: bool, trai
         compute_metrics=wer_metric(tokenizer, normalizer) if eval_ds is not None else None,
         callbacks=list(callbacks),
     )
+    if train_collator is not collator:
+        trainer.train_collator = train_collator
+    return trainer
+
+
+def train_collator_class(base: type) -> type:
+    """``base`` (a ``Seq2SeqTrainer`` class) whose training batches come from ``self.train_collator`` when it is set;
+    evaluation and prediction keep ``data_collator`` (30 s windows for validation generation)."""
+
+    class TrainCollatorTrainer(base):
+        train_collator = None
+
+        def get_train_dataloader(self):
+            if self.train_collator is None:
+                return super().get_train_dataloader()
+            evaluation, self.data_collator = self.data_collator, self.train_collator
+            try:
+                return super().get_train_dataloader()
+            finally:
+                self.data_collator = evaluation
+
+    TrainCollatorTrainer.__name__ = TrainCollatorTrainer.__qualname__ = f"TrainCollator{base.__name__}"
+    return TrainCollatorTrainer
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
