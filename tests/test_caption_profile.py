@@ -46,7 +46,7 @@ def test_caption_profile_has_every_key_of_params_yaml_and_differs_only_where_mar
     assert sorted(set(default) ^ set(profile)) == []
     changed = {key for key in default if default[key] != profile[key]}
     assert changed == {"data.path", "data.columns.client", "base.source", "clients", "finetune.epochs",
-                       "finetune.task", "evaluate.task"}
+                       "finetune.task", "evaluate.task", "finetune.encoder_window"}
     assert profile["data.columns.client"] is None and profile["clients"] == ["captions"]
     assert profile["finetune.task"] == profile["evaluate.task"] == "translate"
     assert profile["finetune.language"] == profile["evaluate.language"] == "en"  # the caption language

@@ -254,5 +254,5 @@ def test_german_profile_has_every_key_of_params_yaml_and_differs_only_where_mark
     profile = _flat(yaml.safe_load(PROFILE.read_text(encoding="utf-8")))
     assert sorted(set(default) ^ set(profile)) == []
     marked = {"data.path", "data.columns.client", "base.source", "clients", "finetune.language", "evaluate.language",
-              "evaluate.normalizer"}
+              "evaluate.normalizer", "finetune.encoder_window"}
     assert {key for key in default if default[key] != profile[key]} == marked
