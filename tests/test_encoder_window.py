@@ -145,3 +145,23 @@ def test_encoder_window_param_is_checked():
 
     with pytest.raises(ParamsError, match="finetune.encoder_window"):
         params_from_dict({"finetune": {"encoder_window": "short"}})
+
+
+def test_windows_compose_with_the_fedprox_trainer(tmp_path, tiny_random_dir, prepared):  # noqa: F811
+    """Federated rounds pass their own trainer class (FedProx); the window wraps it and keeps its loss."""
+    from transformers import Seq2SeqTrainer
+
+    from fedwhisper.data.prepared import load_split
+    from fedwhisper.federated.proximal import proximal_trainer_class
+    from fedwhisper.train.model_setup import load_base
+    from fedwhisper.train.trainer import build_trainer
+
+    model, tok, multilingual = load_base(tiny_random_dir)
+    anchor = {k: v.detach().clone() for k, v in model.named_parameters()}
+    proximal = proximal_trainer_class(Seq2SeqTrainer, anchor, 0.1)
+    ft = FinetuneParams(**{**FAST, "freeze_encoder": False, "encoder_window": "longest", "max_steps": 1})
+    trainer = build_trainer(ft, model, tok, multilingual, load_split(prepared, CLIENT, "train"), None,
+                            tmp_path / "ckpt", trainer_cls=proximal)
+    assert isinstance(trainer, proximal) and type(trainer).__name__.startswith("TrainCollatorProximal")
+    assert next(iter(trainer.get_train_dataloader()))["input_features"].shape[-1] < 3000
+    assert trainer.train().global_step == 1
