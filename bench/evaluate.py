@@ -1,9 +1,11 @@
 """Decoding speed (RTFx = audio seconds / decoding seconds) on the sample test clips, all in one run.
 
 Baselines measured in the same run: openai-whisper ``transcribe`` one clip at a time (seed 000's way) and
-faster-whisper one clip at a time. Candidates: our evaluation path with each backend. The "floor" rows time only the
-log-mel features and the fp32 encoder (no decoding): an fp32 path that feeds Whisper 30 s windows cannot beat them,
-so their ratio to the seed bounds what such a path can reach on this machine. Rounds interleave all
+faster-whisper one clip at a time. Candidates: our evaluation path with each backend (ctranslate2 on CPU: one
+single-threaded replica per thread), and ctranslate2 as one model on every thread, the path before replicas. The
+"floor" rows time only the log-mel features and the fp32 encoder (no decoding), both as one model on every thread and
+as one replica per thread: an fp32 path that feeds Whisper 30 s windows cannot beat them, so their ratio to the seed
+bounds what such a path can reach on this machine. Rounds interleave all
 configurations so machine load hits them alike; the table gives medians and the per-round ratio to the seed's way,
 plus each configuration's WER so that backend agreement is visible.
 
@@ -84,26 +86,58 @@ def faster_whisper_one_at_a_time(model_dir: Path, tmp: Path) -> Callable[[list[n
     return run
 
 
-def encoder_floor(model_dir: Path, batch_size: int) -> Callable[[list[np.ndarray]], list[str]]:
+def encoder_floor(model_dir: Path, tmp: Path, batch_size: int, replicas: bool = False
+                  ) -> Callable[[list[np.ndarray]], list[str]]:
     """Log-mel features and CTranslate2's fp32 encoder only, with no decoding at all: what an fp32 evaluation that
     feeds Whisper its 30 s windows spends before the first token. (CTranslate2's encoder was the fastest we measured
     on CPU: 184-213 ms per window at batch 1-16, torch SDPA 207-256 ms.) Its RTFx over the seed's bounds the ratio
-    such a path can reach on this machine. Returns empty texts, so it has no WER."""
-    b = open_backend("ctranslate2", model_dir, DecodeOptions(compute_type="float32"))
+    such a path can reach on this machine. Returns empty texts, so it has no WER.
+
+    ``replicas=False``: one model with all torch threads, ``batch_size`` windows per call. ``replicas=True``: one
+    single-threaded replica per thread, the windows split round-robin over them and encoded one at a time from as
+    many Python threads, the parallelism our CPU path uses (``CTranslate2Backend``)."""
+    import ctranslate2
+
+    from fedwhisper.formats.ctranslate2 import cached_ctranslate2_export, export_ctranslate2
+
+    threads = torch.get_num_threads()
+    ct2_dir = cached_ctranslate2_export(model_dir, "float32") or export_ctranslate2(
+        model_dir, tmp / "floor", quantization="float32")
+    model = ctranslate2.models.Whisper(str(ct2_dir), device="cpu", compute_type="float32",
+                                       intra_threads=1 if replicas else threads, inter_threads=threads if replicas else 1)
+    torch.set_num_threads(threads)
+    n_mels = model.n_mels
+
+    def encode(windows: np.ndarray) -> None:
+        model.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(windows)), to_cpu=True)
 
     def run(audios: list[np.ndarray]) -> list[str]:
-        import ctranslate2
-
         for i in range(0, len(audios), batch_size):
-            features = log_mel_batch(audios[i:i + batch_size], b.n_mels, "cpu").numpy()
-            b.model.model.encode(ctranslate2.StorageView.from_array(features), to_cpu=True)
+            features = log_mel_batch(audios[i:i + batch_size], n_mels, "cpu").numpy()
+            if not replicas:
+                encode(features)
+                continue
+            from concurrent.futures import ThreadPoolExecutor
+
+            def part(r: int) -> None:
+                for f in features[r::threads]:
+                    encode(f[None])
+
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(part, range(min(threads, len(features)))))
         return [""] * len(audios)
 
     return run
 
 
-def ours(model_dir: Path, backend: str, batch_size: int, **options) -> Callable[[list[np.ndarray]], list[str]]:
-    b = open_backend(backend, model_dir, DecodeOptions(**options))
+def ours(model_dir: Path, backend: str, batch_size: int, replicas: int | None = None,
+         **options) -> Callable[[list[np.ndarray]], list[str]]:
+    if replicas is not None:  # ctranslate2 only: 1 = one model on every thread (the path before replicas)
+        from fedwhisper.decode.backends import CTranslate2Backend
+
+        b = CTranslate2Backend(model_dir, DecodeOptions(**options), replicas=replicas)
+    else:
+        b = open_backend(backend, model_dir, DecodeOptions(**options))
     return lambda audios: transcribe_audios(b, audios, batch_size, progress=False).texts
 
 
@@ -133,9 +167,12 @@ def main(argv: list[str] | None = None) -> int:
         f"ours transformers bf16 b{bs}": lambda: ours(model_dir, "transformers", bs, compute_type="bfloat16"),
         f"ours openai-whisper b{bs}": lambda: ours(model_dir, "openai-whisper", bs),
         f"ours ctranslate2 fp32 b{bs}": lambda: ours(model_dir, "ctranslate2", bs, compute_type="float32"),
+        f"ours ctranslate2 fp32 b{bs} one {torch.get_num_threads()}-thread model": lambda: ours(
+            model_dir, "ctranslate2", bs, replicas=1, compute_type="float32"),
         f"ours ctranslate2 int8 b{bs}": lambda: ours(model_dir, "ctranslate2", bs, compute_type="int8"),
-        FLOOR + " b1": lambda: encoder_floor(model_dir, 1),
-        FLOOR + f" b{bs}": lambda: encoder_floor(model_dir, bs),
+        FLOOR + " b1": lambda: encoder_floor(model_dir, tmp, 1),
+        FLOOR + f" b{bs}": lambda: encoder_floor(model_dir, tmp, bs),
+        FLOOR + f" b{bs} (replica per core)": lambda: encoder_floor(model_dir, tmp, bs, replicas=True),
     }
     if args.only:
         factories = {k: v for k, v in factories.items() if k == SEED or any(o in k for o in args.only)}
@@ -164,10 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         })
     print(f"\n{len(audios)} sample test clips, {audio_s:.0f} s audio, {args.rounds} interleaved rounds, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'configuration':45s} {'RTFx':>6s} {'x seed':>7s} {'WER %':>6s}")
+    print(f"{'configuration':58s} {'RTFx':>6s} {'x seed':>7s} {'WER %':>6s}")
     for res in results:
         wer = "-" if res["wer"] is None else f"{res['wer']:.2f}"
-        print(f"{res['config']:45s} {res['rtfx_median']:6.1f} {res['ratio_vs_seed_median']:7.2f} {wer:>6s}")
+        print(f"{res['config']:58s} {res['rtfx_median']:6.1f} {res['ratio_vs_seed_median']:7.2f} {wer:>6s}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     return 0

@@ -118,6 +118,48 @@ def test_ctranslate2_encodes_window_by_window_on_cpu_with_batched_results(tiny_e
         assert [d.text for d in backend.decode_short(audios[:3])] == single
 
 
+def _ct2_backend(model_dir, threads: int):
+    """A ctranslate2 backend opened under ``threads`` torch threads (1: one model; more: one replica per thread)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        backend = open_backend("ctranslate2", model_dir, DecodeOptions(device="cpu", compute_type="float32"))
+        assert torch.get_num_threads() == threads  # opening CTranslate2 leaves torch's thread count alone
+    finally:
+        torch.set_num_threads(before)
+    return backend
+
+
+def test_ctranslate2_replicas_give_the_single_model_texts_in_input_order(tiny_en_dir, agree_items):
+    """On CPU with 2 threads the batch is split round-robin over 2 single-threaded replicas: the texts must equal one
+    single-threaded model's, clip for clip, for batch sizes that do and do not divide by the replica count."""
+    _, audios = agree_items
+    single, replicas = _ct2_backend(tiny_en_dir, 1), _ct2_backend(tiny_en_dir, 2)
+    assert (single.replicas, replicas.replicas) == (1, 2)
+    reference = [single.decode_short([a])[0].text for a in audios[:7]]
+    assert len(set(reference)) == 7  # distinct clips, so a mix-up of the order would show
+    for n in (1, 2, 5, 7):
+        assert [d.text for d in replicas.decode_short(audios[:n])] == reference[:n], n
+    shuffled = [6, 0, 3, 5, 1]
+    assert [d.text for d in replicas.decode_short([audios[i] for i in shuffled])] == [reference[i] for i in shuffled]
+
+
+def test_ctranslate2_replica_error_reaches_the_caller(tiny_en_dir, agree_items, monkeypatch):
+    """An error inside one replica's thread is raised in the caller, not lost or hung on."""
+    _, audios = agree_items
+    backend = _ct2_backend(tiny_en_dir, 2)
+    calls = []
+
+    def failing(batch):
+        calls.append(len(batch))
+        raise RuntimeError("replica failed")
+
+    monkeypatch.setattr(backend, "_decode_batch", failing)
+    with pytest.raises(RuntimeError, match="replica failed"):
+        backend.decode_short(audios[:4])
+    assert sorted(calls) == [2, 2]
+
+
 @pytest.mark.parametrize("name", BACKENDS)
 def test_long_audio_is_transcribed_in_full(tiny_en_dir, sample_items, name):
     four = [sample_items[0], sample_items[40], sample_items[80], sample_items[119]]
