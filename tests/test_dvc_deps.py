@@ -253,3 +253,18 @@ def test_aggregate_stage_runs_under_the_section_guard(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2, proc.stderr
     assert "finetune outputs missing" in proc.stderr and "params section" not in proc.stderr
+
+
+def test_python_bytecode_in_a_source_dep_does_not_make_a_stage_look_changed():
+    """Stages list source folders (src/fedwhisper/decode, ...) as deps. Python writes __pycache__/*.pyc into them on
+    import unless PYTHONDONTWRITEBYTECODE is set, and DVC hashes every file of a folder dep that .dvcignore does not
+    exclude: without the exclusion a user's first import would make up-to-date stages re-run."""
+    from dvc.repo import Repo
+
+    repo = Repo(str(ROOT))
+    try:
+        for rel in ("src/fedwhisper/decode/__pycache__/backends.cpython-311.pyc", "src/fedwhisper/train/x.pyc"):
+            assert repo.dvcignore.is_ignored(repo.fs, str(ROOT / rel)), rel
+        assert not repo.dvcignore.is_ignored(repo.fs, str(ROOT / "src/fedwhisper/decode/backends.py"))
+    finally:
+        repo.close()
