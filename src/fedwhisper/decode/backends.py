@@ -218,8 +218,9 @@ class CTranslate2Backend(Backend):
     On CPU with N torch threads (N > 1) the model runs as N single-threaded CTranslate2 replicas
     (``inter_threads=N, intra_threads=1``) rather than one N-threaded model: each batch is split round-robin into N
     parts, decoded concurrently from N Python threads (CTranslate2 releases the GIL) and put back in order. The
-    decoder's small per-token matrix products scale poorly over threads, one clip per replica does not have that
-    problem; every clip is decoded on its own row as before, so the texts are unchanged (tested).
+    decoder's small per-token matrix products scale poorly over threads; a single-threaded replica decoding its own
+    part of the batch spends no time waiting on other threads. Every clip is still decoded on its own row, so the
+    texts are unchanged (tested).
     """
 
     name = "ctranslate2"
